@@ -1,0 +1,72 @@
+"""The one place that knows how to reach a Hugging Face model's word embeddings and how
+to call it with ``inputs_embeds``.
+
+Every method perturbs e = E(x), the output of ``model.get_input_embeddings()`` — the
+plain word-embedding lookup, before the model adds position/type embeddings, applies
+LayerNorm and dropout. Feeding the *full* embedding module's output back as
+``inputs_embeds`` (as some SMART implementations do) would add position embeddings and
+LayerNorm twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+# Batch keys that are targets, not model inputs.
+LABEL_KEYS = ("labels",)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP/FSDP/DataParallel/torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Word embeddings e = E(x): (B, T) token ids -> (B, T, H)."""
+    return unwrap(model).get_input_embeddings()(input_ids)
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch without its token ids and labels: what goes beside ``inputs_embeds``."""
+    return {k: v for k, v in batch.items() if k != "input_ids" and k not in LABEL_KEYS}
+
+
+def forward_embeds(model: nn.Module, embeds: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """Run ``model`` on (B, T, H) ``embeds`` with the batch's other inputs (attention
+    mask, token type ids, ...) and return its logits, e.g. (B, C)."""
+    return model(inputs_embeds=embeds, **model_inputs(batch)).logits
+
+
+def token_mask(batch: dict[str, Any], embeds: torch.Tensor) -> torch.Tensor:
+    """(B, T, 1) float mask that is 1 on real tokens and 0 on padding, so that
+    perturbations never touch padding."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return torch.ones(embeds.shape[:2] + (1,), dtype=embeds.dtype, device=embeds.device)
+    return mask.unsqueeze(-1).to(embeds.dtype)
+
+
+def classification_head(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The task head g of model = g o f: the model's direct children other than the
+    pre-trained base model (and parameter-free modules such as dropout).
+
+    BERT -> [classifier]; RoBERTa/XLM-R/ELECTRA -> [classifier (dense, out_proj)];
+    DeBERTa-v2/v3 -> [pooler, classifier]; DistilBERT -> [pre_classifier, classifier].
+    Returns an empty list when the model has no separate base model.
+    """
+    model = unwrap(model)
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        return []
+    return [
+        (name, child)
+        for name, child in model.named_children()
+        if child is not base and any(True for _ in child.parameters())
+    ]

@@ -1,0 +1,143 @@
+"""Every method trains a tiny encoder, through the functional API and through RXFTrainer
+(with gradient accumulation), for BERT, RoBERTa and DeBERTa-v2 configs."""
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, tiny_model, toy_batch
+from transformers import default_data_collator
+
+from rxf import METHODS, MethodOptions, RXFConfig, RXFTrainer, apply_spectral_norm, freelb_step
+from rxf.methods import r3f_loss, smart_loss, standard_loss
+from rxf.methods.r4f import normalised_linears
+from rxf.methods.smart import EMATeacher
+from rxf.optim import AdamWNoBiasCorrection, adamw
+
+# Strong enough to move every parameter in a few steps, small enough to stay stable.
+OPTIONS = dict(noise_eps=1e-3, smart_epsilon=1e-3, freelb_step_size=0.01, freelb_init_mag=0.02)
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    def __init__(self, n=32, seed=0):
+        batch = toy_batch(batch_size=n, seed=seed)
+        self.rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_all_changed(model, before):
+    unchanged = [n for n, p in model.named_parameters() if p.requires_grad and torch.equal(p.detach(), before[n])]
+    assert not unchanged, f"parameters that did not change: {unchanged}"
+
+
+def functional_train(model, method, steps=12):
+    options = MethodOptions(method=method, **OPTIONS)
+    if method == "r4f":
+        apply_spectral_norm(model)
+    teacher = EMATeacher(model, options) if method == "smart" else None
+    optimizer = adamw(model.parameters(), bias_correction=options.resolved_bias_correction(), lr=5e-3)
+    batch = toy_batch(batch_size=16)
+    losses = []
+    model.train()
+    for step in range(steps):
+        optimizer.zero_grad()
+        if method == "freelb":
+            loss, logs = freelb_step(model, batch, options)
+        else:
+            fn = {"r3f": r3f_loss, "r4f": r3f_loss, "smart": smart_loss}.get(method)
+            loss, logs = fn(model, batch, options, teacher) if method == "smart" else (
+                fn(model, batch, options) if fn else standard_loss(model, batch)
+            )
+            loss.backward()
+        optimizer.step()
+        if teacher is not None:
+            teacher.update(model, step + 1, steps)
+        losses.append(float(logs["task_loss"]))
+    return losses
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("method", METHODS)
+def test_functional_api_trains(arch, method):
+    model = tiny_model(arch)
+    before = snapshot(model)
+    losses = functional_train(model, method)
+    assert losses[-1] < losses[0]
+    if method != "r4f":  # R4F reparameterises the head's weights; check the rest
+        assert_all_changed(model, before)
+    else:
+        after = dict(model.named_parameters())
+        assert all(not torch.equal(after[n].detach(), before[n]) for n in before if n in after)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("method", METHODS)
+def test_trainer_trains_with_gradient_accumulation(tmp_path, arch, method):
+    model = tiny_model(arch)
+    before = snapshot(model)
+    config = RXFConfig(
+        output_dir=str(tmp_path), method=method, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+        max_steps=8, learning_rate=2e-3, logging_steps=2, save_strategy="no", report_to="none",
+        lr_scheduler_type="constant", disable_tqdm=True, **OPTIONS,
+    )
+    trainer = RXFTrainer(model=model, args=config, train_dataset=ToyDataset(), data_collator=default_data_collator)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "task_loss" in e]
+    assert logs[-1]["task_loss"] < logs[0]["task_loss"]
+    assert all(e["train_seconds"] >= 0 for e in logs)
+    changed = {n for n, p in model.named_parameters() if n in before and not torch.equal(p.detach(), before[n])}
+    if method == "r4f":
+        assert normalised_linears(model)
+    else:
+        assert changed == set(before)
+    if method in ("r3f", "r4f", "smart"):
+        assert all(e["regularizer"] > 0 for e in logs)
+    if method == "smart":
+        assert "bregman" in logs[-1] and trainer.teacher is not None
+    expected = {"std": (1, 1), "std++": (1, 1), "r3f": (2, 1), "r4f": (2, 1), "smart": (3, 2), "freelb": (3, 3)}[method]
+    assert (trainer.passes["forward"], trainer.passes["backward"]) == expected
+    assert (logs[-1]["forward_passes"], logs[-1]["backward_passes"]) == expected
+
+
+def test_std_uses_adam_without_bias_correction_and_std_plus_plus_trains_longer(tmp_path):
+    def build(method, **extra):
+        config = RXFConfig(output_dir=str(tmp_path / method), method=method, per_device_train_batch_size=8,
+                           max_steps=3, save_strategy="no", report_to="none", disable_tqdm=True, **extra)
+        return RXFTrainer(model=tiny_model(), args=config, train_dataset=ToyDataset(), data_collator=default_data_collator)
+
+    std = build("std")
+    std.train()
+    assert isinstance(std.optimizer.optimizer if hasattr(std.optimizer, "optimizer") else std.optimizer, AdamWNoBiasCorrection)
+    assert std.state.global_step == 3
+    plus = build("std++")
+    plus.train()
+    assert plus.state.global_step == 6  # train_length_factor 2.0
+    inner = plus.optimizer.optimizer if hasattr(plus.optimizer, "optimizer") else plus.optimizer
+    assert isinstance(inner, torch.optim.AdamW)
+    explicit = build("std++", train_length_factor=1.0, adam_bias_correction=False)
+    explicit.train()
+    assert explicit.state.global_step == 3
+
+
+def test_adam_without_bias_correction_matches_formula():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = AdamWNoBiasCorrection([p], lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
+    p.grad = torch.tensor([0.5, -1.0])
+    opt.step()
+    m = 0.1 * torch.tensor([0.5, -1.0])
+    v = 0.01 * torch.tensor([0.25, 1.0])
+    torch.testing.assert_close(p.detach(), torch.tensor([1.0, -2.0]) - 0.1 * m / (v.sqrt() + 1e-8))
+
+
+def test_trainer_rejects_bad_options(tmp_path):
+    from rxf.errors import OptionError
+
+    with pytest.raises(OptionError, match="--smart-steps"):
+        RXFConfig(output_dir=str(tmp_path), method="smart", smart_steps=0, report_to="none")
