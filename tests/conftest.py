@@ -69,3 +69,32 @@ def minilm_path() -> Path:
         return Path(default_model_path())
     except Exception as exc:  # the package is a declared dependency; say so if missing
         pytest.skip(f"the embedded MiniLM is not available: {exc}")
+
+
+def write_tiny_checkpoint(folder: Path) -> Path:
+    """A tiny random BERT *base model* (no head) with a character-level WordPiece
+    tokenizer saved in ``folder``: any English text tokenizes, and ``rxf finetune``
+    adds a fresh head of the task's size."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"()-&$%/#")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tokenisation cache in a per-session temporary folder, not the user's home."""
+    monkeypatch.setenv("RXF_CACHE", str(tmp_path_factory.getbasetemp() / "rxf-cache"))

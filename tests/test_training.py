@@ -141,3 +141,19 @@ def test_trainer_rejects_bad_options(tmp_path):
 
     with pytest.raises(OptionError, match="--smart-steps"):
         RXFConfig(output_dir=str(tmp_path), method="smart", smart_steps=0, report_to="none")
+
+
+@pytest.mark.parametrize("method", ["r3f", "smart", "freelb"])
+def test_trainer_under_bf16_autocast(tmp_path, method):
+    model = tiny_model("bert")
+    config = RXFConfig(
+        output_dir=str(tmp_path), method=method, per_device_train_batch_size=8, max_steps=4, learning_rate=2e-3,
+        logging_steps=1, save_strategy="no", report_to="none", bf16=True, use_cpu=True, disable_tqdm=True, **OPTIONS,
+    )
+    trainer = RXFTrainer(model=model, args=config, train_dataset=ToyDataset(), data_collator=default_data_collator)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "task_loss" in e]
+    assert len(logs) == 4
+    assert all(torch.isfinite(torch.tensor(e["loss"])) and torch.isfinite(torch.tensor(e["task_loss"])) for e in logs)
+    if method != "freelb":
+        assert all(e["regularizer"] >= 0 for e in logs)
