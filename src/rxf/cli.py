@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import sys
 import typing
+from pathlib import Path
 
 from rxf.errors import RXFError
 from rxf.methods.options import MethodOptions
@@ -103,6 +104,90 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split(text: str, option: str, kind=str) -> list:
+    try:
+        items = [kind(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise RXFError(f"{option}: cannot read {text!r} as a comma-separated list") from None
+    if not items:
+        raise RXFError(f"{option}: empty list")
+    return items
+
+
+def _tasks(text: str) -> list[str]:
+    tasks = _split(text, "--tasks")
+    for task in tasks:
+        if task not in GLUE_TASKS:
+            raise RXFError(f"--tasks: unknown task {task!r}; choose from {', '.join(GLUE_TASKS)}")
+    return tasks
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rxf.experiments.compare import load_best_configs, run_compare
+
+    tasks = _tasks(args.tasks)
+    summary = run_compare(
+        args.output_dir, tasks, _split(args.methods, "--methods"), _split(args.seeds, "--seeds", int),
+        spec_from(args, tasks[0], args.output_dir), method_options_from(args), load_best_configs(args.configs),
+    )
+    print((Path(args.output_dir) / "report.md").read_text())
+    return 0 if summary else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rxf.experiments.report import write_report
+
+    write_report(Path(args.runs), Path(args.output_dir) if args.output_dir else None)
+    print((Path(args.output_dir or args.runs) / "report.md").read_text())
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from rxf.experiments.sweep import parse_space, run_sweep
+
+    tasks = _tasks(args.tasks)
+    best = run_sweep(
+        args.output_dir, tasks, _split(args.methods, "--methods"), args.budget, spec_from(args, tasks[0], args.output_dir),
+        method_options_from(args), args.storage, parse_space(args.space), args.sampler_seed,
+    )
+    for task, methods in best.items():
+        for method, found in methods.items():
+            print(f"{task} {method}: best {found['value']:.4f} with {found['params']} ({found['trials']} trials)")
+    print(f"best configurations: {Path(args.output_dir) / 'best_configs.json'} (rxf compare --configs)")
+    return 0
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from rxf.experiments.cost import build_model, measure, method_grid, random_batch, table
+
+    model = build_model(args.model, args.config, args.trust_remote_code).to(args.device)
+    batch = random_batch(args.batch_size, args.seq_len, model.config.vocab_size, args.device)
+    grid = method_grid(_split(args.smart_steps, "--smart-steps", int), _split(args.freelb_steps, "--freelb-steps", int))
+    rows = measure(model, batch, grid, args.device, args.bf16, args.warmup, args.repeats)
+    print(f"# {args.model or args.config}, batch {args.batch_size} x {args.seq_len}, "
+          f"{'bf16' if args.bf16 else 'fp32'}, {args.device}, torch {torch.__version__}; "
+          f"median of {args.repeats} interleaved updates after {args.warmup} warm-up; ratios to std")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def cmd_xnli(args: argparse.Namespace) -> int:
+    from rxf.experiments.xnli import parse_language_specs, run_xnli
+
+    report = run_xnli(
+        Path(args.output_dir), _split(args.methods, "--methods"), spec_from(args, args.task, args.output_dir),
+        method_options_from(args), parse_language_specs(args.eval), args.max_eval_samples,
+    )
+    print((Path(args.output_dir) / "xnli.md").read_text())
+    return 0 if report else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rxf.demo import run_demo
 
@@ -126,6 +211,63 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(p)
     add_method_options(p)
     p.set_defaults(func=cmd_finetune)
+
+    c = sub.add_parser("compare", help="tasks x methods x seeds, then tables and violin plots (Table 2, Figures 1-2)")
+    c.add_argument("--tasks", required=True, help="comma-separated GLUE tasks, e.g. rte,mrpc")
+    c.add_argument("--methods", default="std++,r3f,r4f", help="comma-separated methods (default: %(default)s)")
+    c.add_argument("--seeds", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated seeds (default: %(default)s)")
+    c.add_argument("--configs", default=None, help="best_configs.json from rxf sweep: per task and method settings")
+    c.add_argument("--output-dir", required=True, help="runs/<task>/<method>/seed<N>/, report.md, plots")
+    add_run_options(c, defaults)
+    add_data_options(c)
+    add_method_options(c)
+    c.set_defaults(func=cmd_compare)
+
+    r = sub.add_parser("report", help="rebuild tables and plots from a folder of results.json files")
+    r.add_argument("--runs", required=True, help="folder searched recursively for results.json")
+    r.add_argument("--output-dir", default=None, help="where report.md and the plots go (default: --runs)")
+    r.set_defaults(func=cmd_report)
+
+    w = sub.add_parser("sweep", help="fixed-budget hyper-parameter search per method with Optuna")
+    w.add_argument("--tasks", required=True, help="comma-separated GLUE tasks")
+    w.add_argument("--methods", default="std++,r3f,r4f", help="comma-separated methods (default: %(default)s)")
+    w.add_argument("--budget", type=int, default=10, help="trials per task and method (default: %(default)s)")
+    w.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --output-dir)")
+    w.add_argument("--space", default=None, help="JSON (or a JSON file) {parameter: [choices]} overriding the "
+                   "paper's search spaces, e.g. '{\"learning_rate\": [5e-5, 1e-4]}'")
+    w.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default: %(default)s)")
+    w.add_argument("--output-dir", required=True, help="trials/, sweep.db, best_configs.json")
+    add_run_options(w, defaults)
+    add_data_options(w)
+    add_method_options(w)
+    w.set_defaults(func=cmd_sweep)
+
+    k = sub.add_parser("cost", help="time one update of each method against std (the paper's Table 1)")
+    k.add_argument("--model", default=None, help="hub name or folder (default: --config)")
+    k.add_argument("--config", choices=("minilm", "bert-base", "bert-large"), default="minilm",
+                   help="the embedded MiniLM or a random-init BERT of that size (default: %(default)s)")
+    k.add_argument("--batch-size", type=int, default=32)
+    k.add_argument("--seq-len", type=int, default=128)
+    k.add_argument("--device", default="cpu")
+    k.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    k.add_argument("--smart-steps", default="1,2", help="SMART step counts to time (default: %(default)s)")
+    k.add_argument("--freelb-steps", default="2,3", help="FreeLB step counts to time (default: %(default)s)")
+    k.add_argument("--warmup", type=int, default=2)
+    k.add_argument("--repeats", type=int, default=5)
+    k.add_argument("--json", default=None, help="also write the rows to this file")
+    k.add_argument("--trust-remote-code", action="store_true")
+    k.set_defaults(func=cmd_cost)
+
+    x = sub.add_parser("xnli", help="train on English NLI, evaluate zero-shot per language (Table 3)")
+    x.add_argument("--task", default="mnli", choices=("mnli",), help="English training task (default: mnli)")
+    x.add_argument("--methods", default="std++,r3f", help="comma-separated methods (default: %(default)s)")
+    x.add_argument("--eval", action="append", default=[], metavar="LANG=PATH",
+                   help="a language's NLI file (repeat the flag for each language)")
+    x.add_argument("--output-dir", required=True, help="runs/<method>/, xnli.json, xnli.md")
+    add_run_options(x, defaults)
+    add_data_options(x)
+    add_method_options(x)
+    x.set_defaults(func=cmd_xnli)
 
     d = sub.add_parser("demo", help="offline quickstart: STD vs R3F on a small bundled demo dataset")
     d.add_argument("--output-dir", default="rxf-demo", help="where the demo runs go (default: %(default)s)")

@@ -116,24 +116,29 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def parse_column_map(spec: str | None) -> dict[str, str]:
-    """``"sentence1=text_a,label=gold"`` -> {task column: file column}."""
+def parse_column_map(spec: str | None, option: str = "--columns") -> dict[str, str]:
+    """``"sentence1=text_a,label=gold"`` -> {"sentence1": "text_a", "label": "gold"}."""
     if not spec:
         return {}
     mapping = {}
     for item in spec.split(","):
         if "=" not in item:
-            raise DataError(f"--columns: expected TASK_COLUMN=FILE_COLUMN items, got {item!r}")
+            raise DataError(f"{option}: expected KEY=VALUE items separated by commas, got {item!r}")
         key, value = item.split("=", 1)
         mapping[key.strip()] = value.strip()
     return mapping
 
 
 def examples_from_file(
-    task: ClassificationTask, path: Path, column_map: dict[str, str] | None = None
+    task: ClassificationTask,
+    path: Path,
+    column_map: dict[str, str] | None = None,
+    label_map: dict[str, str] | None = None,
 ) -> Examples:
-    """Read one split file of ``task`` and check every row's label."""
-    headerless = task.headerless_columns if Path(path).suffix.lower() == ".tsv" and _lacks_header(path, task) else None
+    """Read one split file of ``task`` and check every row's label. ``label_map`` renames
+    the file's labels to the task's (e.g. {"0": "entailment"}) before they are checked."""
+    tab_separated = Path(path).suffix.lower() in (".tsv", ".txt")
+    headerless = task.headerless_columns if tab_separated and _lacks_header(path, task) else None
     rows = read_records(Path(path), headerless)
     wanted = list(task.text_columns) + [task.label_column]
     mapping = {c: c for c in wanted}
@@ -155,7 +160,10 @@ def examples_from_file(
         text_a.append(str(row[text_cols[0]]))
         if text_b is not None:
             text_b.append(str(row[text_cols[1]]))
-        labels.append(_parse_label(task, row[label_col], path, lineno))
+        value = row[label_col]
+        if label_map:
+            value = label_map.get(str(value).strip(), value)
+        labels.append(_parse_label(task, value, path, lineno))
     return Examples(text_a, text_b, labels, str(path))
 
 

@@ -1,0 +1,233 @@
+"""Measured cost of one update of each method, against STD in the same process — the
+paper's Table 1 (Aghajanyan et al. 2021) with counted passes, FLOPs, time and memory.
+
+Updates (forward, backward, optimiser step) run interleaved — every method once per
+round, after warm-up — so machine noise hits all methods alike; times are medians over
+rounds. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``. Peak memory is what
+the update allocates above what was resident before it: on CUDA from the allocator's
+statistics, on Linux CPUs from the process's resident-set high-water mark (reset through
+``/proc/self/clear_refs`` before each update).
+
+Used by ``rxf cost`` and ``benchmarks/step_benchmark.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from rxf.methods import EMATeacher, MethodOptions, apply_spectral_norm, freelb_step, r3f_loss, smart_loss, standard_loss
+
+# Paper's Table 1: (forward, backward) per update, S = ascent steps.
+PAPER_PASSES = {
+    "std": lambda o: (1, 1), "std++": lambda o: (1, 1), "r3f": lambda o: (2, 1), "r4f": lambda o: (2, 1),
+    "smart": lambda o: (1 + o.smart_steps, 1 + o.smart_steps), "freelb": lambda o: (o.freelb_steps, o.freelb_steps),  # the paper's 1+S with K = 1+S steps
+}
+
+
+def forward_units(forward: int, backward: int) -> int:
+    """The paper's cost unit: a backward pass costs two forward passes."""
+    return forward + 2 * backward
+
+
+@dataclass
+class UpdateRunner:
+    """One method's own copy of the model, its optimiser and its update."""
+
+    name: str
+    options: MethodOptions
+    model: torch.nn.Module
+    batch: dict
+    autocast: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
+    logs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.model = copy.deepcopy(self.model).train()
+        if self.options.method == "r4f":
+            apply_spectral_norm(self.model, self.options.r4f_scope)
+        self.teacher = (
+            EMATeacher(self.model, self.options) if self.options.method == "smart" and self.options.smart_bregman else None
+        )
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+
+    def update(self) -> None:
+        method = self.options.method
+        with self.autocast:
+            if method == "freelb":
+                _, self.logs = freelb_step(self.model, self.batch, self.options)
+            else:
+                if method == "smart":
+                    loss, self.logs = smart_loss(self.model, self.batch, self.options, self.teacher)
+                elif method in ("r3f", "r4f"):
+                    loss, self.logs = r3f_loss(self.model, self.batch, self.options)
+                else:
+                    loss, self.logs = standard_loss(self.model, self.batch)
+                loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.teacher is not None:
+            self.teacher.update(self.model, 1, 10)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class _PeakMemory:
+    """Memory an update allocates above what is resident before it (bytes), or None."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.cpu = not device.startswith("cuda") and Path("/proc/self/clear_refs").exists()
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        elif self.cpu:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.before = _status_kib("VmRSS") * 1024
+        self.peak = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            self.peak = torch.cuda.max_memory_allocated() - self.before
+        elif self.cpu:
+            self.peak = _status_kib("VmHWM") * 1024 - self.before
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def measure(
+    model: torch.nn.Module,
+    batch: dict,
+    methods: dict[str, MethodOptions],
+    device: str = "cpu",
+    bf16: bool = False,
+    warmup: int = 2,
+    repeats: int = 5,
+) -> list[dict]:
+    """Time, count and weigh one update of each method; the first method is the baseline
+    of every ratio. Returns one row per method."""
+    autocast = (lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    runners = [UpdateRunner(name, options, model, batch, autocast()) for name, options in methods.items()]
+    flops: dict[str, int] = {}
+    peaks: dict[str, int | None] = {r.name: None for r in runners}
+    for runner in runners:  # the first update also creates the optimiser state: not timed or weighed
+        with FlopCounterMode(display=False) as counter:
+            runner.update()
+        flops[runner.name] = counter.get_total_flops()
+    for _ in range(warmup):
+        for runner in runners:
+            runner.update()
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    for _ in range(repeats):
+        for runner in runners:
+            with _PeakMemory(device) as memory:
+                _synchronize(device)
+                start = time.perf_counter()
+                runner.update()
+                _synchronize(device)
+            times[runner.name].append(time.perf_counter() - start)
+            if memory.peak is not None:
+                peaks[runner.name] = max(peaks[runner.name] or 0, memory.peak)
+
+    base = runners[0].name
+    base_time, base_flops = statistics.median(times[base]), flops[base]
+    rows = []
+    for runner in runners:
+        forward, backward = int(runner.logs["forward_passes"]), int(runner.logs["backward_passes"])
+        paper_forward, paper_backward = PAPER_PASSES[runner.options.method](runner.options)
+        median = statistics.median(times[runner.name])
+        peak, base_peak = peaks[runner.name], peaks[base]
+        rows.append({
+            "method": runner.name,
+            "forward": forward, "backward": backward,
+            "teacher_forward": int(runner.logs.get("teacher_forward_passes", 0)),
+            "forward_units": forward_units(forward, backward),
+            "paper_forward": paper_forward, "paper_backward": paper_backward,
+            "paper_forward_units": forward_units(paper_forward, paper_backward),
+            "gflop": flops[runner.name] / 1e9, "flop_ratio": flops[runner.name] / base_flops,
+            "median_s": median, "time_ratio": median / base_time,
+            "examples_per_s": len(batch["input_ids"]) / median,
+            "peak_bytes": peak, "peak_ratio": peak / base_peak if peak and base_peak else None,
+            "times": times[runner.name],
+        })
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: the paper's Table 1 beside what was counted and measured."""
+    lines = [
+        "| method | paper fwd/bwd | paper cost (fwd units) | counted fwd/bwd | counted cost | GFLOP | FLOP ratio "
+        "| median s | time ratio | ex/s | peak MiB | peak ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        teacher = f" (+{r['teacher_forward']} teacher)" if r["teacher_forward"] else ""
+        peak = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] is not None else "n/a"
+        ratio = f"{r['peak_ratio']:.2f}" if r["peak_ratio"] is not None else "n/a"
+        lines.append(
+            f"| {r['method']} | {r['paper_forward']}/{r['paper_backward']} | {r['paper_forward_units']} | "
+            f"{r['forward']}/{r['backward']}{teacher} | {r['forward_units']} | {r['gflop']:.0f} | {r['flop_ratio']:.2f} | "
+            f"{r['median_s']:.3f} | {r['time_ratio']:.2f} | {r['examples_per_s']:.1f} | {peak} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def method_grid(smart_steps=(1, 2), freelb_steps=(2, 3), base: MethodOptions | None = None) -> dict[str, MethodOptions]:
+    """STD first (the baseline), then R3F, R4F, SMART and FreeLB at several step counts."""
+    import dataclasses
+
+    base = base or MethodOptions()
+    grid = {name: dataclasses.replace(base, method=name) for name in ("std", "r3f", "r4f")}
+    for s in smart_steps:
+        grid[f"smart{s}"] = dataclasses.replace(base, method="smart", smart_steps=s)
+    for k in freelb_steps:
+        grid[f"freelb{k}"] = dataclasses.replace(base, method="freelb", freelb_steps=k)
+    return grid
+
+
+def random_batch(batch_size: int, seq_len: int, vocab_size: int, device: str, num_labels: int = 2) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(1000, vocab_size // 2), vocab_size, (batch_size, seq_len), generator=g)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=device),
+        "labels": torch.randint(0, num_labels, (batch_size,), generator=g).to(device),
+    }
+
+
+SIZES = {
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
+def build_model(model: str | None = None, config: str = "minilm", trust_remote_code: bool = False) -> torch.nn.Module:
+    """A sequence classifier: ``model`` (hub name or folder), the embedded MiniLM
+    (``config="minilm"``), or a randomly initialised BERT of ``SIZES[config]``."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    if model is None and config == "minilm":
+        from rxf.defaults import default_model_path
+
+        model = default_model_path()
+    if model is not None:
+        return AutoModelForSequenceClassification.from_pretrained(model, num_labels=2, trust_remote_code=trust_remote_code)
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(BertConfig(vocab_size=30522, num_labels=2, **SIZES[config]))

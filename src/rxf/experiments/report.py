@@ -1,0 +1,159 @@
+"""Tables and plots from a folder of ``results.json`` files (one per run), so runs made on
+several machines merge by copying their folders together.
+
+- ``report.md``: the paper's Table 2 layout (methods × {max, median} over seeds, one
+  column per task), then per task the max, median, mean ± std, min and number of seeds,
+  and the median wall-clock seconds to the best checkpoint (Figure 1's quantity).
+- ``violin_<task>.png``: the seed distribution of each method (Figure 2).
+- ``seconds_to_best.png``: seconds to the best checkpoint per method (Figure 1).
+- ``report.json``: the same numbers, machine-readable.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from rxf.errors import DataError
+from rxf.finetune import RESULTS, write_json_atomic
+
+METHOD_ORDER = ("std", "std++", "r3f", "r4f", "smart", "freelb")
+
+
+def collect(folder: Path) -> list[dict]:
+    """Every ``results.json`` below ``folder`` (sorted by path)."""
+    runs = []
+    for path in sorted(Path(folder).rglob(RESULTS)):
+        try:
+            run = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        run["_path"] = str(path)
+        runs.append(run)
+    return runs
+
+
+def main_value(run: dict) -> float:
+    """The run's best dev score on its task's main metric (e.g. dev/accuracy)."""
+    split, metric = run["main_metric"].split("/")
+    return run["best"][split][metric]
+
+
+def summarise(runs: list[dict]) -> dict:
+    """{task: {method: stats}} with scores over seeds and seconds to the best checkpoint."""
+    groups: dict = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        groups[run["task"]][run["method"]].append(run)
+    summary = {}
+    for task, by_method in sorted(groups.items()):
+        summary[task] = {}
+        for method in sorted(by_method, key=_method_key):
+            group = sorted(by_method[method], key=lambda r: r["seed"])
+            scores = [main_value(r) for r in group]
+            seconds = [r["seconds_to_best"] for r in group if r.get("seconds_to_best") is not None]
+            summary[task][method] = {
+                "metric": group[0]["main_metric"],
+                "seeds": [r["seed"] for r in group],
+                "scores": scores,
+                "n": len(scores),
+                "max": max(scores),
+                "median": statistics.median(scores),
+                "mean": statistics.fmean(scores),
+                "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                "min": min(scores),
+                "seconds_to_best": seconds,
+                "median_seconds_to_best": statistics.median(seconds) if seconds else None,
+            }
+    return summary
+
+
+def _method_key(method: str):
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def markdown(summary: dict) -> str:
+    tasks = list(summary)
+    methods = sorted({m for t in summary.values() for m in t}, key=_method_key)
+    lines = ["# Results", "", "Best dev score per run (×100), over seeds — the layout of Table 2 of",
+             "Aghajanyan et al. (2021).", "",
+             "| method | " + " | ".join(f"{t} ({summary[t][next(iter(summary[t]))]['metric']})" for t in tasks) + " |",
+             "|---|" + "---|" * len(tasks)]
+    for stat in ("max", "median"):
+        for method in methods:
+            cells = [f"{100 * summary[t][method][stat]:.1f}" if method in summary[t] else "–" for t in tasks]
+            lines.append(f"| {method} {stat} | " + " | ".join(cells) + " |")
+    for task in tasks:
+        lines += ["", f"## {task}", "",
+                  "| method | seeds | max | median | mean ± std | min | median s to best |", "|---|---|---|---|---|---|---|"]
+        for method, s in summary[task].items():
+            secs = f"{s['median_seconds_to_best']:.0f}" if s["median_seconds_to_best"] is not None else "–"
+            lines.append(f"| {method} | {s['n']} | {100 * s['max']:.1f} | {100 * s['median']:.1f} | "
+                         f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} | {100 * s['min']:.1f} | {secs} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, out: Path) -> list[Path]:
+    """Violin plots of scores per task and of seconds to the best checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for task, by_method in summary.items():
+        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(by_method), 3.6))
+        _violins(ax, [[100 * v for v in s["scores"]] for s in by_method.values()], list(by_method))
+        ax.set_title(f"{task}: best dev score over seeds")
+        ax.set_ylabel(f"{next(iter(by_method.values()))['metric']} ×100")
+        paths.append(_save(fig, out / f"violin_{task}.png"))
+
+    tasks = [t for t in summary if any(s["seconds_to_best"] for s in summary[t].values())]
+    if tasks:
+        fig, axes = plt.subplots(1, len(tasks), figsize=(0.5 + 3.4 * len(tasks), 3.6), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            methods = [m for m, s in summary[task].items() if s["seconds_to_best"]]
+            _violins(ax, [summary[task][m]["seconds_to_best"] for m in methods], methods)
+            ax.set_title(f"{task}: seconds to best checkpoint")
+            ax.set_ylabel("seconds")
+        paths.append(_save(fig, out / "seconds_to_best.png"))
+    return paths
+
+
+def _violins(ax, data: list[list[float]], labels: list[str]) -> None:
+    positions = list(range(1, len(data) + 1))
+    spread = [(p, d) for p, d in zip(positions, data) if len(d) > 1 and max(d) > min(d)]
+    if spread:
+        ax.violinplot([d for _, d in spread], positions=[p for p, _ in spread], showmedians=True)
+    for p, d in zip(positions, data):  # every seed as a point: a violin alone hides small samples
+        ax.scatter([p] * len(d), d, s=12, color="black", zorder=3)
+    ax.set_xticks(positions, labels)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_report(runs_folder: Path, out: Path | None = None) -> dict:
+    """Collect the runs below ``runs_folder`` and write report.md, report.json and the
+    plots into ``out`` (default: ``runs_folder``). Returns the summary."""
+    out = Path(out or runs_folder)
+    runs = collect(runs_folder)
+    if not runs:
+        raise DataError(f"{runs_folder}: no {RESULTS} files found below it")
+    summary = summarise(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "report.md.tmp"
+    tmp.write_text(markdown(summary))
+    tmp.replace(out / "report.md")
+    write_json_atomic(out / "report.json", {"runs": [r["_path"] for r in runs], "summary": summary})
+    plot(summary, out)
+    return summary

@@ -1,0 +1,173 @@
+"""rxf compare, report, sweep, cost and xnli with a tiny model."""
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+
+from rxf.cli import main
+from rxf.demo import DEMO_DATA
+from rxf.experiments.cost import measure, method_grid, random_batch
+from rxf.experiments.xnli import read_language_file
+
+TINY_RUN = ["--batch-size", "16", "--max-length", "48", "--learning-rate", "1e-3", "--epochs", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def glue_like(tmp_path_factory) -> Path:
+    """A small folder in the official GLUE layout: SST-2 from the demo data, RTE made of
+    pairs of demo sentences (entailment when both have the same sentiment)."""
+    root = tmp_path_factory.mktemp("glue")
+    rows = [line.split("\t") for line in (DEMO_DATA / "train.tsv").read_text().splitlines()[1:]]
+    (root / "SST-2").mkdir()
+    for split, part in (("train", rows[:64]), ("dev", rows[64:96])):
+        (root / "SST-2" / f"{split}.tsv").write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in part))
+    (root / "RTE").mkdir()
+    for split, part in (("train", rows[100:164]), ("dev", rows[164:196])):
+        pairs = [(a[0], b[0], "entailment" if a[1] == b[1] else "not_entailment") for a, b in zip(part, part[1:])]
+        (root / "RTE" / f"{split}.tsv").write_text(
+            "index\tsentence1\tsentence2\tlabel\n" + "".join(f"{i}\t{a}\t{b}\t{y}\n" for i, (a, b, y) in enumerate(pairs))
+        )
+    return root
+
+
+def test_compare_runs_the_grid_and_reports(tiny_checkpoint, glue_like, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--tasks", "sst2,rte", "--methods", "std,r3f", "--seeds", "1,2", "--model", str(tiny_checkpoint),
+            "--data-dir", str(glue_like), "--output-dir", str(out), *TINY_RUN]
+    assert main(args) == 0
+    runs = sorted(out.glob("runs/*/*/seed*/results.json"))
+    assert len(runs) == 8
+    report = json.loads((out / "report.json").read_text())["summary"]
+    for task in ("sst2", "rte"):
+        for method in ("std", "r3f"):
+            scores = [json.loads((out / "runs" / task / method / f"seed{s}" / "results.json").read_text())["best"]["dev"]["accuracy"]
+                      for s in (1, 2)]
+            assert report[task][method]["max"] == max(scores)
+            assert report[task][method]["median"] == statistics.median(scores)
+            assert f"{100 * max(scores):.1f}" in (out / "report.md").read_text()
+    for png in ("violin_sst2.png", "violin_rte.png", "seconds_to_best.png"):
+        image = plt.imread(out / png)
+        assert image.ndim == 3 and image.shape[0] > 100
+
+    mtimes = [p.stat().st_mtime_ns for p in runs]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "running" not in capsys.readouterr().out.replace("rxf compare", "")
+    assert [p.stat().st_mtime_ns for p in runs] == mtimes  # nothing trained again
+
+    merged = tmp_path / "merged"
+    assert main(["report", "--runs", str(out / "runs"), "--output-dir", str(merged)]) == 0
+    assert json.loads((merged / "report.json").read_text())["summary"] == report
+
+
+def sweep_args(tiny_checkpoint, glue_like, out):
+    return ["sweep", "--tasks", "sst2", "--methods", "std,r3f", "--budget", "3", "--model", str(tiny_checkpoint),
+            "--data-dir", str(glue_like), "--output-dir", str(out),
+            "--space", '{"learning_rate": [1e-3, 3e-4, 1e-4], "r3f_lambda": [0.1, 1.0]}', *TINY_RUN]
+
+
+def complete_trials(out: Path, study: str) -> list:
+    import optuna
+    from optuna.trial import TrialState
+
+    loaded = optuna.load_study(study_name=study, storage=f"sqlite:///{out / 'sweep.db'}")
+    return loaded.get_trials(states=(TrialState.COMPLETE,))
+
+
+def test_sweep_runs_the_budget_per_method_and_resumes(tiny_checkpoint, glue_like, tmp_path):
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "rxf.cli", *sweep_args(tiny_checkpoint, glue_like, out)]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(out.glob("trials/sst2/std/*/results.json")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    assert process.poll() is None, "the sweep ended before it could be interrupted"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    first = list(out.glob("trials/sst2/std/*/results.json"))
+    assert first
+    first_mtime = first[0].stat().st_mtime_ns
+
+    assert main(sweep_args(tiny_checkpoint, glue_like, out)) == 0
+    for method in ("std", "r3f"):
+        trials = complete_trials(out, f"sst2-{method}")
+        assert len(trials) == 3
+        assert all(trial.params for trial in trials)
+    assert first[0].stat().st_mtime_ns == first_mtime  # the finished trial was not run again
+    best = json.loads((out / "best_configs.json").read_text())
+    assert set(best["sst2"]) == {"std", "r3f"} and best["sst2"]["r3f"]["trials"] == 3
+    assert set(best["sst2"]["std"]["params"]) == {"learning_rate"}
+    assert set(best["sst2"]["r3f"]["params"]) == {"learning_rate", "r3f_lambda", "noise_type"}
+
+    # The best configuration feeds rxf compare.
+    cmp = tmp_path / "cmp"
+    assert main(["compare", "--tasks", "sst2", "--methods", "r3f", "--seeds", "1", "--model", str(tiny_checkpoint),
+                 "--data-dir", str(glue_like), "--configs", str(out / "best_configs.json"), "--output-dir", str(cmp),
+                 *TINY_RUN]) == 0
+    run = json.loads((cmp / "runs/sst2/r3f/seed1/results.json").read_text())
+    assert run["config"]["r3f_lambda"] == best["sst2"]["r3f"]["params"]["r3f_lambda"]
+    assert run["config"]["learning_rate"] == best["sst2"]["r3f"]["params"]["learning_rate"]
+
+
+def test_cost_counts_the_paper_table_passes(tiny_checkpoint, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=2)
+    rows = measure(model, random_batch(4, 16, model.config.vocab_size, "cpu"), method_grid(), warmup=0, repeats=1)
+    counted = {r["method"]: (r["forward"], r["backward"]) for r in rows}
+    assert counted == {"std": (1, 1), "r3f": (2, 1), "r4f": (2, 1), "smart1": (3, 2), "smart2": (4, 3),
+                       "freelb2": (2, 2), "freelb3": (3, 3)}
+    paper = {r["method"]: r["paper_forward_units"] for r in rows}
+    assert paper["std"] == 3 and paper["r3f"] == 4 and paper["smart1"] == 6 and paper["freelb3"] == 9
+    assert rows[0]["time_ratio"] == 1.0 and all(r["median_s"] > 0 for r in rows)
+    assert main(["cost", "--model", str(tiny_checkpoint), "--batch-size", "4", "--seq-len", "16",
+                 "--warmup", "0", "--repeats", "1"]) == 0
+    assert "| smart1 | 2/2 | 6 | 3/2 (+1 teacher) | 7 |" in capsys.readouterr().out
+
+
+XNLI_FILES = {
+    "sw": ("myXNLI/sw.genre.dev.tsv", 2490, "Naye akasema, Mama, niko nyumbani.", 1),
+    "my": ("myXNLI/my.genre.dev.tsv", 2490, None, 1),
+    "de": ("de_SuperGLEBer_XGLUE/dev.txt", 250, "und er hat gesagt, Mama ich bin daheim.", 1),
+    "hr": ("hr_C-XNLI/xnli.dev.hr.csv", 2490, "Pa je rekao: Mama, kod kuće sam.", 1),
+    "es": ("es_eu_XNLIvar/xnli-es-original.tsv", 5010, None, 2),
+    "eu": ("es_eu_XNLIvar/xnli-eu-original.tsv", 5010, None, 2),
+}
+
+
+@pytest.mark.parametrize("language", sorted(XNLI_FILES))
+def test_xnli_local_formats_and_labels(data_dir, language):
+    path, rows, first_premise, first_label = XNLI_FILES[language]
+    examples = read_language_file(data_dir / "xnli" / path, language)
+    assert len(examples) == rows
+    assert examples.labels[0] == first_label  # neutral = 1, contradiction = 2 (MNLI ids)
+    assert set(examples.labels) == {0, 1, 2}
+    if first_premise:
+        assert examples.text_a[0] == first_premise
+    if language == "my":  # the Burmese columns, not the English ones in the same file
+        assert not examples.text_a[0].startswith("And he said")
+
+
+def test_xnli_zero_shot_end_to_end(tiny_checkpoint, data_dir, tmp_path):
+    out = tmp_path / "xnli"
+    x = data_dir / "xnli"
+    assert main(["xnli", "--methods", "std,r3f", "--model", str(tiny_checkpoint),
+                 "--data-dir", str(data_dir / "glue" / "MNLI" / "k-shot" / "16-13"),
+                 "--eval", f"de={x / 'de_SuperGLEBer_XGLUE/dev.txt'}", "--eval", f"es={x / 'es_eu_XNLIvar/xnli-es-original.tsv'}",
+                 "--max-eval-samples", "30", "--output-dir", str(out), *TINY_RUN]) == 0
+    report = json.loads((out / "xnli.json").read_text())
+    assert set(report["methods"]) == {"std", "r3f"}
+    for row in report["methods"].values():
+        assert set(row["accuracy"]) == {"de", "es"}
+        assert row["average"] == pytest.approx(sum(row["accuracy"].values()) / 2)
+    assert report["languages"]["es"]["examples"] == 30
+    table = (out / "xnli.md").read_text()
+    assert "| method | de | es | avg |" in table
