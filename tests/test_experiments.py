@@ -1,7 +1,6 @@
 """rxf compare, report, sweep, cost and xnli with a tiny model."""
 
 import json
-import os
 import signal
 import statistics
 import subprocess

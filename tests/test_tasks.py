@@ -1,6 +1,5 @@
 """GLUE task definitions, metrics and data loading."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -18,6 +18,7 @@ from pathlib import Path
 from rxf.errors import RXFError
 from rxf.methods.options import MethodOptions
 from rxf.tasks.glue import GLUE_TASKS
+from rxf.tasks.summarization import SUMMARIZATION_TASKS
 
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +66,14 @@ def add_run_options(parser: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow models/datasets that run their own code from the hub (off by default)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s = parser.add_argument_group("generation (summarisation tasks)")
+    s.add_argument("--max-target-length", type=int, default=defaults.max_target_length,
+                   help="summary tokens, for training and generation (default: %(default)s)")
+    s.add_argument("--min-target-length", type=int, default=defaults.min_target_length,
+                   help="shortest generated summary (default: %(default)s)")
+    s.add_argument("--num-beams", type=int, default=defaults.num_beams, help="beam size (default: %(default)s)")
+    s.add_argument("--no-repeat-ngram-size", type=int, default=defaults.no_repeat_ngram_size,
+                   help="block repeated n-grams in generation (default: %(default)s)")
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -91,13 +100,22 @@ def spec_from(args: argparse.Namespace, task: str, output_dir: str):
         eval_steps=args.eval_steps, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
         precision=args.precision, report_to=args.report_to, trust_remote_code=args.trust_remote_code,
         progress=not args.no_progress, overwrite=getattr(args, "overwrite", False),
+        max_target_length=args.max_target_length, min_target_length=args.min_target_length,
+        num_beams=args.num_beams, no_repeat_ngram_size=args.no_repeat_ngram_size,
     )
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from rxf.finetune import run_finetune
+    from rxf.tasks.summarization import SUMMARIZATION_TASKS
 
-    results = run_finetune(spec_from(args, args.task, args.output_dir), method_options_from(args))
+    spec = spec_from(args, args.task, args.output_dir)
+    if args.task in SUMMARIZATION_TASKS:
+        from rxf.finetune_generation import run_generation
+
+        results = run_generation(spec, method_options_from(args), SUMMARIZATION_TASKS[args.task])
+    else:
+        results = run_finetune(spec, method_options_from(args))
     best = results["best"]
     print(f"{results['task']} {results['method']} seed {results['seed']}: best {best} at update "
           f"{results['best_step']} ({results['seconds_to_best']} s); results in {args.output_dir}/results.json")
@@ -188,6 +206,46 @@ def cmd_xnli(args: argparse.Namespace) -> int:
     return 0 if report else 1
 
 
+def _pairs(items: list[str], option: str) -> dict[str, str]:
+    """["a=x", "b=y"] (or "a=x,b=y") -> {"a": "x", "b": "y"}."""
+    pairs = {}
+    for item in (part for entry in items for part in entry.split(",") if part.strip()):
+        if "=" not in item:
+            raise RXFError(f"{option}: expected NAME=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from rxf.defaults import default_model_path
+    from rxf.probing.probe import run_probe
+
+    tasks = _tasks(args.tasks)
+    checkpoints = _pairs(args.checkpoint, "--checkpoint") or {"pre-trained": args.model or default_model_path()}
+    reference = (args.model or default_model_path()) if args.reference == "base" else args.reference
+    run_probe(Path(args.output_dir), checkpoints, tasks, spec_from(args, tasks[0], args.output_dir),
+              _pairs(args.task_data, "--task-data"), reference, args.cka_samples, args.pooling)
+    print((Path(args.output_dir) / "probe.md").read_text())
+    return 0
+
+
+def cmd_chain(args: argparse.Namespace) -> int:
+    from rxf.probing.chain import run_chain, run_cycle
+
+    tasks = _tasks(args.tasks)
+    base = spec_from(args, tasks[0], args.output_dir)
+    methods = _split(args.methods, "--methods")
+    task_data = _pairs(args.task_data, "--task-data")
+    if args.command == "cycle":
+        run_cycle(Path(args.output_dir), tasks, methods, args.cycles, base, method_options_from(args), task_data)
+        print((Path(args.output_dir) / "cycle.md").read_text())
+    else:
+        run_chain(Path(args.output_dir), tasks, methods, base, method_options_from(args), task_data)
+        print((Path(args.output_dir) / "chain.md").read_text())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rxf.demo import run_demo
 
@@ -204,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("finetune", help="fine-tune on a GLUE task and keep the best checkpoint")
-    p.add_argument("--task", required=True, choices=sorted(GLUE_TASKS), help="GLUE task (lower case)")
+    p.add_argument("--task", required=True, choices=sorted(GLUE_TASKS) + sorted(SUMMARIZATION_TASKS),
+                   help="GLUE task or summarisation task (lower case)")
     p.add_argument("--output-dir", required=True, help="run folder: checkpoints/, best/, results.json")
     p.add_argument("--overwrite", action="store_true", help="start again even if the run finished or has checkpoints")
     add_run_options(p, defaults)
@@ -268,6 +327,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(x)
     add_method_options(x)
     x.set_defaults(func=cmd_xnli)
+
+    pr = sub.add_parser("probe", help="linear probes on frozen encoders, with CKA drift (Figure 3)")
+    pr.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                    help="a checkpoint to probe (repeatable; default: --model as 'pre-trained')")
+    pr.add_argument("--tasks", default="sst2,rte,mrpc", help="comma-separated GLUE tasks (default: %(default)s)")
+    pr.add_argument("--task-data", action="append", default=[], metavar="TASK=DIR",
+                    help="data folder for one task, overriding --data-dir (repeatable)")
+    pr.add_argument("--reference", default=None, help="model to compare layers with by linear CKA; 'base' = --model")
+    pr.add_argument("--cka-samples", type=int, default=256, help="dev examples for CKA (default: %(default)s)")
+    pr.add_argument("--pooling", choices=("cls", "mean"), default="cls", help="sentence representation (default: cls)")
+    pr.add_argument("--output-dir", required=True, help="probe.json, probe.md, probe.png, cka.png")
+    add_run_options(pr, defaults)
+    add_data_options(pr)
+    pr.set_defaults(func=cmd_probe)
+
+    for name, helptext in (("chain", "fine-tune along a task chain, probing the source task after each stage (Figure 4)"),
+                           ("cycle", "repeat the task chain, probing each task before training on it (Figure 5)")):
+        ch = sub.add_parser(name, help=helptext)
+        ch.add_argument("--tasks", default="sst2,qnli,qqp,rte", help="the chain, comma-separated (default: %(default)s)")
+        ch.add_argument("--methods", default="std,r3f", help="comma-separated methods (default: %(default)s)")
+        ch.add_argument("--task-data", action="append", default=[], metavar="TASK=DIR",
+                        help="data folder for one task, overriding --data-dir (repeatable)")
+        if name == "cycle":
+            ch.add_argument("--cycles", type=int, default=3, help="how often the chain repeats (default: %(default)s)")
+        ch.add_argument("--output-dir", required=True, help="one folder per method and stage, report, plot")
+        add_run_options(ch, defaults)
+        add_data_options(ch)
+        add_method_options(ch)
+        ch.set_defaults(func=cmd_chain)
 
     d = sub.add_parser("demo", help="offline quickstart: STD vs R3F on a small bundled demo dataset")
     d.add_argument("--output-dir", default="rxf-demo", help="where the demo runs go (default: %(default)s)")

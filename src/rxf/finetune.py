@@ -23,6 +23,7 @@ import numpy as np
 
 from rxf.errors import OptionError
 from rxf.methods.options import MethodOptions
+from rxf.models import classification_head
 from rxf.tasks.glue import ClassificationTask, get_task
 from rxf.tasks.loading import Examples, load_hub, load_local, parse_column_map
 
@@ -57,6 +58,12 @@ class FinetuneSpec:
     report_to: str = "none"
     save_total_limit: int = 2
     trust_remote_code: bool = False
+    fresh_head: bool = False  # re-initialise the task head after loading (chain stages)
+    # Generation (summarisation) only: target length and decoding.
+    max_target_length: int = 64
+    min_target_length: int = 0
+    num_beams: int = 4
+    no_repeat_ngram_size: int = 3
     overwrite: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)  # free-form labels kept in results.json
@@ -136,12 +143,10 @@ def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: Classificatio
 
         model_path = default_model_path()
 
-    import torch
-    import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
 
     from rxf.tasks.tokenize import tokenize
-    from rxf.trainer import RXFConfig, RXFTrainer, best_checkpoint_seconds
+    from rxf.trainer import RXFConfig, RXFTrainer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=spec.trust_remote_code)
@@ -165,9 +170,36 @@ def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: Classificatio
         trust_remote_code=spec.trust_remote_code,
     )
 
+    if spec.fresh_head:
+        # A chain stage keeps the previous stage's encoder but learns its task with a new head.
+        for _, head in classification_head(model):
+            head.apply(model._init_weights)
     dev_names = [name for name in splits if name != "train"]
+    config = training_arguments(RXFConfig, spec, options, out, f"{dev_names[0]}_{task.main_metric}")
+
+    def compute_metrics(prediction):
+        logits = prediction.predictions
+        predicted = logits.squeeze(-1) if task.is_regression else np.argmax(logits, axis=-1)
+        return task.compute_metrics(predicted, prediction.label_ids)
+
+    trainer = RXFTrainer(
+        model=model,
+        args=config,
+        train_dataset=datasets["train"],
+        eval_dataset={name: datasets[name] for name in dev_names},
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+    )
+    data_info = {name: {"source": ex.source, "examples": len(ex)} for name, ex in splits.items()}
+    return train_and_report(trainer, spec, options, task.name, model_path, data_info, dev_names, task.main_metric)
+
+
+def training_arguments(config_cls, spec: FinetuneSpec, options: MethodOptions, out: Path, best_metric: str, **extra):
+    """The Trainer configuration of a run: evaluate and checkpoint every epoch (or
+    ``spec.eval_steps`` updates), keep the best checkpoint by ``best_metric``."""
     strategy = "steps" if spec.eval_steps else "epoch"
-    config = RXFConfig(
+    return config_cls(
         output_dir=str(out / "checkpoints"),
         seed=spec.seed,
         data_seed=spec.seed,
@@ -185,7 +217,7 @@ def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: Classificatio
         save_steps=spec.eval_steps,
         logging_steps=max(1, min(50, spec.eval_steps or 50)),
         load_best_model_at_end=True,
-        metric_for_best_model=f"{dev_names[0]}_{task.main_metric}",
+        metric_for_best_model=best_metric,
         greater_is_better=True,
         save_total_limit=spec.save_total_limit,
         bf16=spec.precision == "bf16",
@@ -193,22 +225,21 @@ def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: Classificatio
         report_to=spec.report_to,
         disable_tqdm=not spec.progress,
         **dataclasses.asdict(options),
+        **extra,
     )
 
-    def compute_metrics(prediction):
-        logits = prediction.predictions
-        predicted = logits.squeeze(-1) if task.is_regression else np.argmax(logits, axis=-1)
-        return task.compute_metrics(predicted, prediction.label_ids)
 
-    trainer = RXFTrainer(
-        model=model,
-        args=config,
-        train_dataset=datasets["train"],
-        eval_dataset={name: datasets[name] for name in dev_names},
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=compute_metrics,
-    )
+def train_and_report(trainer, spec: FinetuneSpec, options: MethodOptions, task_name: str, model_path: str,
+                     data_info: dict, dev_names: list[str], main_metric: str, write: bool = True) -> dict:
+    """Train (resuming from the last complete checkpoint), save the best model in
+    ``best/`` and write results.json last, atomically (``write=False``: the caller adds
+    to the results and writes them)."""
+    import torch
+    import transformers
+
+    from rxf.trainer import best_checkpoint_seconds
+
+    out = Path(spec.output_dir)
     resume = last_complete_checkpoint(out / "checkpoints")
     if resume is not None:
         print(f"rxf: resuming from {resume}", file=sys.stderr)
@@ -220,15 +251,15 @@ def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: Classificatio
     best_step = trainer.state.best_global_step
     best = next((e for e in evals if e["step"] == best_step), evals[-1])
     results = {
-        "task": task.name,
+        "task": task_name,
         "method": options.method,
         "seed": spec.seed,
         "model": model_path,
-        "data": {name: {"source": ex.source, "examples": len(ex)} for name, ex in splits.items()},
+        "data": data_info,
         "best_step": best["step"],
         "best": _split_metrics(best, dev_names),
         "final": _split_metrics(evals[-1], dev_names),
-        "main_metric": f"{dev_names[0]}/{task.main_metric}",
+        "main_metric": f"{dev_names[0]}/{main_metric}",
         "seconds_to_best": best_checkpoint_seconds(history, best["step"]),
         "train_seconds": max((e["train_seconds"] for e in history if "train_seconds" in e), default=None),
         "updates": trainer.state.global_step,
@@ -242,7 +273,8 @@ def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: Classificatio
         },
         "hardware": _hardware(torch),
     }
-    write_json_atomic(results_path, results)
+    if write:
+        write_json_atomic(out / RESULTS, results)
     return results
 
 

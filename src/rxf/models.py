@@ -53,6 +53,18 @@ def token_mask(batch: dict[str, Any], embeds: torch.Tensor) -> torch.Tensor:
     return mask.unsqueeze(-1).to(embeds.dtype)
 
 
+def is_generation_model(model: nn.Module) -> bool:
+    """True for encoder-decoder and decoder-only language models (their logits are
+    (B, T, V) over a vocabulary), False for sequence classifiers."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    name = type(unwrap(model)).__name__
+    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) | set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values())
+
+
 def classification_head(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The task head g of model = g o f: the model's direct children other than the
     pre-trained base model (and parameter-free modules such as dropout).

@@ -26,16 +26,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback, TrainingArguments
 
 from rxf.errors import OptionError
 from rxf.methods.freelb import freelb_step
+from rxf.methods.generation import check_generation_method, generation_loss
 from rxf.methods.options import MethodOptions
 from rxf.methods.r3f import r3f_loss
 from rxf.methods.r4f import apply_spectral_norm, refresh_spectral_norm
 from rxf.methods.smart import EMATeacher, smart_loss
 from rxf.methods.standard import standard_loss, task_loss
-from rxf.models import LABEL_KEYS
+from rxf.models import LABEL_KEYS, is_generation_model
 from rxf.optim import AdamWNoBiasCorrection
 
 
@@ -66,6 +67,8 @@ class RXFTrainer(Trainer):
         if not isinstance(args, MethodOptions):
             raise OptionError("RXFTrainer needs args=RXFConfig(...) (TrainingArguments plus the method options)")
         args.validate()
+        if model is not None and is_generation_model(model):
+            check_generation_method(args.method)
         if args.method == "r4f" and model is not None:
             # Before the optimiser is built, so it holds the reparameterised weights.
             apply_spectral_norm(model, args.r4f_scope)
@@ -86,6 +89,13 @@ class RXFTrainer(Trainer):
 
     # --- the update ----------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if is_generation_model(model):
+            if return_outputs or not model.training:  # evaluation: the model's own loss
+                outputs = model(**inputs)
+                return (outputs.loss, outputs) if return_outputs else outputs.loss
+            loss, logs = generation_loss(model, inputs, self.args)
+            self._record(logs)
+            return loss
         if return_outputs or not model.training:
             outputs = model(**{k: v for k, v in inputs.items() if k not in LABEL_KEYS})
             loss = task_loss(outputs.logits, inputs["labels"])
@@ -163,6 +173,20 @@ class RXFTrainer(Trainer):
         # The state dict folds W / sigma into plain weights (rxf.methods.r4f); make sigma exact first.
         refresh_spectral_norm(self.model)
         super()._save(output_dir, state_dict)
+
+
+@dataclass
+class RXFSeq2SeqConfig(Seq2SeqTrainingArguments, MethodOptions):
+    """``Seq2SeqTrainingArguments`` (generation during evaluation) plus the method options."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate()
+
+
+class RXFSeq2SeqTrainer(RXFTrainer, Seq2SeqTrainer):
+    """``RXFTrainer`` on ``Seq2SeqTrainer``: R3F for summarisation, with evaluation by
+    generation (``predict_with_generate``). Takes an ``RXFSeq2SeqConfig``."""
 
 
 class _TrainClock(TrainerCallback):

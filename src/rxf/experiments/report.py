@@ -96,10 +96,7 @@ def markdown(summary: dict) -> str:
 
 def plot(summary: dict, out: Path) -> list[Path]:
     """Violin plots of scores per task and of seconds to the best checkpoint."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from rxf.plotting import plt, save_figure
 
     paths = []
     for task, by_method in summary.items():
@@ -107,7 +104,7 @@ def plot(summary: dict, out: Path) -> list[Path]:
         _violins(ax, [[100 * v for v in s["scores"]] for s in by_method.values()], list(by_method))
         ax.set_title(f"{task}: best dev score over seeds")
         ax.set_ylabel(f"{next(iter(by_method.values()))['metric']} ×100")
-        paths.append(_save(fig, out / f"violin_{task}.png"))
+        paths.append(save_figure(fig, out / f"violin_{task}.png"))
 
     tasks = [t for t in summary if any(s["seconds_to_best"] for s in summary[t].values())]
     if tasks:
@@ -117,7 +114,7 @@ def plot(summary: dict, out: Path) -> list[Path]:
             _violins(ax, [summary[task][m]["seconds_to_best"] for m in methods], methods)
             ax.set_title(f"{task}: seconds to best checkpoint")
             ax.set_ylabel("seconds")
-        paths.append(_save(fig, out / "seconds_to_best.png"))
+        paths.append(save_figure(fig, out / "seconds_to_best.png"))
     return paths
 
 
@@ -129,17 +126,6 @@ def _violins(ax, data: list[list[float]], labels: list[str]) -> None:
     for p, d in zip(positions, data):  # every seed as a point: a violin alone hides small samples
         ax.scatter([p] * len(d), d, s=12, color="black", zorder=3)
     ax.set_xticks(positions, labels)
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 def write_report(runs_folder: Path, out: Path | None = None) -> dict:

@@ -17,6 +17,7 @@ from rxf.noise import NOISE_TYPES
 METHODS = ("std", "std++", "r3f", "r4f", "smart", "freelb")
 NORMS = ("inf", "l2")
 R4F_SCOPES = ("all", "last")
+NOISE_TARGETS = ("encoder", "decoder")
 
 
 def _opt(default, help_text: str, choices=None):
@@ -71,6 +72,11 @@ class MethodOptions:
         "statement) or only its last layer (fairseq parity).",
         R4F_SCOPES,
     )
+    # --- generation (R3F for seq2seq and decoder-only LMs) ----------------------------
+    label_smoothing: float = _opt(0.1, "Generation: label smoothing of the cross entropy (BART's usual 0.1).")
+    noise_target: str = _opt(
+        "encoder", "Generation: noise the encoder input embeddings (the paper) or the decoder's.", NOISE_TARGETS
+    )
     # --- SMART ---------------------------------------------------------------------
     smart_steps: int = _opt(1, "SMART projected ascent steps S per update.")
     smart_step_size: float = _opt(1e-3, "SMART ascent step size eta.")
@@ -112,6 +118,9 @@ class MethodOptions:
         _choice("r4f_scope", self.r4f_scope, R4F_SCOPES)
         _choice("smart_norm", self.smart_norm, NORMS)
         _choice("freelb_norm", self.freelb_norm, NORMS)
+        _choice("noise_target", self.noise_target, NOISE_TARGETS)
+        if not 0 <= self.label_smoothing < 1:
+            raise OptionError(f"{_flag('label_smoothing')} must lie in [0, 1), got {self.label_smoothing}")
         for name in (
             "noise_eps", "r3f_lambda", "smart_step_size", "smart_epsilon", "smart_noise_var",
             "smart_lambda", "smart_mu", "freelb_step_size", "freelb_init_mag", "freelb_max_norm",

@@ -1,0 +1,116 @@
+"""Sequential and cyclic fine-tuning with probes (Aghajanyan et al. 2021, Sections 4.2-4.3).
+
+``run_chain`` (Figure 4): fine-tune along a task sequence, default SST-2 -> QNLI -> QQP ->
+RTE, each stage starting from the previous stage's best checkpoint with a fresh head;
+after every stage, probe the *source* task (the first) with a fresh linear layer on the
+frozen encoder. How fast that probe degrades is how fast the method forgets.
+
+``run_cycle`` (Figure 5): the same sequence repeated for several cycles; before training
+on a task, probe it with the current encoder. How much each cycle retains is how little
+the method collapses.
+
+Every stage is an ``rxf finetune`` run in its own folder and every probe is stored beside
+it, so a rerun after an interruption skips finished stages and probes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from rxf.finetune import FinetuneSpec, run_finetune, write_json_atomic
+from rxf.methods.options import MethodOptions
+from rxf.probing.plots import plot_lines
+from rxf.probing.probe import probe_checkpoint, task_splits
+from rxf.tasks.glue import get_task
+
+DEFAULT_CHAIN = ("sst2", "qnli", "qqp", "rte")
+
+
+def _probe(folder: Path, checkpoint: str, task: str, data: dict, base: FinetuneSpec) -> dict:
+    """Probe ``task`` with the frozen ``checkpoint``; stored in ``folder`` and reused."""
+    path = folder / f"probe-{task}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = probe_checkpoint(checkpoint, get_task(task), data[task], base.seed, base.max_length)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, result)
+    return result
+
+
+def _stage(folder: Path, method: str, index: int, task: str, start: str, base: FinetuneSpec,
+           options: MethodOptions, task_data: dict | None) -> str:
+    """Fine-tune one stage in ``folder`` (or reuse its finished run); returns its best checkpoint."""
+    spec = dataclasses.replace(base, task=task, model=start, output_dir=str(folder),
+                               data_dir=(task_data or {}).get(task, base.data_dir), fresh_head=index > 0)
+    print(f"rxf: {method} stage {index}: {task}, starting from {start}", flush=True)
+    run_finetune(spec, dataclasses.replace(options, method=method))
+    return str(folder / "best")
+
+
+def _base_model(base: FinetuneSpec) -> str:
+    if base.model is not None:
+        return base.model
+    from rxf.defaults import default_model_path
+
+    return default_model_path()
+
+
+def run_chain(out: Path, tasks: list[str], methods: list[str], base: FinetuneSpec, options: MethodOptions,
+              task_data: dict[str, str] | None = None) -> dict:
+    """Fine-tune along ``tasks`` with each method and probe ``tasks[0]`` after each stage."""
+    out = Path(out)
+    source = tasks[0]
+    data = {source: task_splits(source, base, task_data)}
+    for task in tasks[1:]:
+        task_splits(task, base, task_data)  # check every stage's data before training starts
+    report = {"tasks": tasks, "source": source, "methods": {}}
+    for method in methods:
+        checkpoint = _base_model(base)
+        stages = [{"stage": "pre-trained", **_probe(out / method / "stage00-pretrained", checkpoint, source, data, base)}]
+        for index, task in enumerate(tasks, start=1):
+            folder = out / method / f"stage{index:02d}-{task}"
+            checkpoint = _stage(folder, method, index, task, checkpoint, base, options, task_data)
+            stages.append({"stage": f"after {task}", **_probe(Path(checkpoint).parent, checkpoint, source, data, base)})
+        report["methods"][method] = stages
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "chain.json", report)
+    labels = [s["stage"] for s in next(iter(report["methods"].values()))]
+    rows = ["| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for method, stages in report["methods"].items():
+        rows.append(f"| {method} | " + " | ".join(f"{100 * s['score']:.1f}" for s in stages) + " |")
+    (out / "chain.md").write_text(f"Probe of the source task {source} after each stage (dev ×100)\n\n" + "\n".join(rows) + "\n")
+    plot_lines({m: [s["score"] for s in st] for m, st in report["methods"].items()}, labels, out / "chain.png",
+               f"{source} probe along the chain", f"{source} probe dev score ×100")
+    return report
+
+
+def run_cycle(out: Path, tasks: list[str], methods: list[str], cycles: int, base: FinetuneSpec,
+              options: MethodOptions, task_data: dict[str, str] | None = None) -> dict:
+    """Repeat the chain ``cycles`` times; probe each task just before training on it."""
+    out = Path(out)
+    data = {task: task_splits(task, base, task_data) for task in tasks}
+    report = {"tasks": tasks, "cycles": cycles, "methods": {}}
+    for method in methods:
+        checkpoint, probes, index = _base_model(base), [], 0
+        for cycle in range(1, cycles + 1):
+            for task in tasks:
+                index += 1
+                folder = out / method / f"stage{index:02d}-c{cycle}-{task}"
+                result = _probe(folder, checkpoint, task, data, base)
+                probes.append({"cycle": cycle, "task": task, **result})
+                checkpoint = _stage(folder, method, index, task, checkpoint, base, options, task_data)
+        report["methods"][method] = probes
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "cycle.json", report)
+    rows = ["| method | cycle | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for method, probes in report["methods"].items():
+        for cycle in range(1, cycles + 1):
+            scores = {p["task"]: p["score"] for p in probes if p["cycle"] == cycle}
+            rows.append(f"| {method} | {cycle} | " + " | ".join(f"{100 * scores[t]:.1f}" for t in tasks) + " |")
+    (out / "cycle.md").write_text("Probe of each task just before training on it (dev ×100)\n\n" + "\n".join(rows) + "\n")
+    labels = [f"c{p['cycle']} {p['task']}" for p in next(iter(report["methods"].values()))]
+    plot_lines({m: [p["score"] for p in ps] for m, ps in report["methods"].items()}, labels, out / "cycle.png",
+               "Probe before each stage, per cycle", "probe dev score ×100")
+    return report

@@ -1,0 +1,52 @@
+"""PNG plots for the probing experiments (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rxf.plotting import plt, save_figure
+
+
+def plot_probes(report: dict, path: Path) -> None:
+    """Grouped bars: probe score per task (groups) and checkpoint (bars); majority as a dash."""
+    tasks, probes = report["tasks"], report["probes"]
+    width = 0.8 / max(len(probes), 1)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(tasks), 3.8))
+    for i, (name, by_task) in enumerate(probes.items()):
+        x = np.arange(len(tasks)) + (i - (len(probes) - 1) / 2) * width
+        ax.bar(x, [100 * by_task[t]["score"] for t in tasks], width, label=name)
+    first = next(iter(probes.values()))
+    for j, task in enumerate(tasks):
+        if first[task]["majority"] is not None:
+            ax.hlines(100 * first[task]["majority"], j - 0.45, j + 0.45, colors="black", linestyles="dashed")
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("probe dev score ×100 (dashes: majority class)")
+    ax.set_title("Linear probes on frozen encoders")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_cka(drift: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, layers in drift["checkpoints"].items():
+        ax.plot([d["layer"] for d in layers], [d["cka"] for d in layers], marker="o", label=name)
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("linear CKA to the reference")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Representation drift from the pre-trained model")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_lines(series: dict[str, list[float]], labels: list[str], path: Path, title: str, ylabel: str) -> None:
+    """One line per method over stages (chain) or stages × cycles (cycle)."""
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(labels), 3.8))
+    for name, values in series.items():
+        ax.plot(range(len(values)), [100 * v for v in values], marker="o", label=name)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

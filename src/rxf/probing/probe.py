@@ -1,0 +1,130 @@
+"""Linear probes on frozen encoders (Aghajanyan et al. 2021, Section 4.1, Figure 3).
+
+For each checkpoint and task: the encoder's sentence representations of the task's
+training and dev examples (``rxf.probing.features``, cached), a linear layer trained on
+the training representations only — logistic regression for classification, ridge for
+regression, on standardised features, seeded — and its dev metric beside the
+majority-class baseline. With a reference model, per-layer linear CKA and effective rank
+(``rxf.probing.drift``) are reported beside the probes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from rxf.finetune import FinetuneSpec, load_task_data, write_json_atomic
+from rxf.probing.drift import layer_drift
+from rxf.probing.features import cached_features, encode, load_encoder
+from rxf.tasks.glue import ClassificationTask, get_task
+from rxf.tasks.loading import Examples
+
+
+def train_linear_probe(features: np.ndarray, labels, regression: bool, seed: int = 0):
+    """A linear layer (after standardisation) fitted on (N, H) features; only it learns."""
+    head = Ridge(alpha=1.0) if regression else LogisticRegression(max_iter=2000, random_state=seed)
+    return make_pipeline(StandardScaler(), head).fit(features, np.asarray(labels))
+
+
+def majority_baseline(task: ClassificationTask, train: Examples, dev: Examples) -> float | None:
+    if task.is_regression:
+        return None
+    majority = Counter(train.labels).most_common(1)[0][0]
+    return task.compute_metrics(np.full(len(dev), majority), np.asarray(dev.labels))[task.main_metric]
+
+
+def probe_checkpoint(
+    checkpoint: str, task: ClassificationTask, splits: dict[str, Examples], seed: int = 0,
+    max_length: int = 128, pooling: str = "cls", encoder_and_tokenizer=None,
+) -> dict:
+    """Probe one task with one frozen checkpoint; returns the dev metrics."""
+    dev_name = next(name for name in splits if name != "train")
+    train_x, cached_train = cached_features(checkpoint, splits["train"], max_length, pooling, encoder_and_tokenizer)
+    dev_x, cached_dev = cached_features(checkpoint, splits[dev_name], max_length, pooling, encoder_and_tokenizer)
+    probe = train_linear_probe(train_x, splits["train"].labels, task.is_regression, seed)
+    predicted = probe.predict(dev_x)
+    metrics = task.compute_metrics(predicted, np.asarray(splits[dev_name].labels))
+    return {
+        "task": task.name, "metrics": metrics, "main_metric": task.main_metric, "score": metrics[task.main_metric],
+        "majority": majority_baseline(task, splits["train"], splits[dev_name]),
+        "train_examples": len(splits["train"]), "dev_examples": len(splits[dev_name]),
+        "features_cached": cached_train and cached_dev,
+    }
+
+
+def task_splits(task: str, base: FinetuneSpec, task_data: dict[str, str] | None = None) -> dict[str, Examples]:
+    """A task's splits, from ``task_data[task]`` when given, else from ``base.data_dir``."""
+    folder = (task_data or {}).get(task, base.data_dir)
+    return load_task_data(dataclasses.replace(base, task=task, data_dir=folder))
+
+
+def run_probe(
+    out: Path, checkpoints: dict[str, str], tasks: list[str], base: FinetuneSpec,
+    task_data: dict[str, str] | None = None, reference: str | None = None, cka_samples: int = 256,
+    pooling: str = "cls",
+) -> dict:
+    """Probe every task with every checkpoint; write probe.json, probe.md, probe.png
+    (and cka.json, cka.png with a reference) in ``out``."""
+    data = {task: task_splits(task, base, task_data) for task in tasks}  # every file checked first
+    results: dict = {}
+    for name, checkpoint in checkpoints.items():
+        loaded = load_encoder(checkpoint, base.trust_remote_code)
+        results[name] = {task: probe_checkpoint(checkpoint, get_task(task), data[task], base.seed, base.max_length,
+                                                pooling, loaded) for task in tasks}
+    report = {"checkpoints": checkpoints, "tasks": tasks, "probes": results}
+    if reference is not None:
+        report["drift"] = drift_report(reference, checkpoints, data[tasks[0]], base, cka_samples)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "probe.json", report)
+    (out / "probe.md").write_text(probe_table(report))
+    from rxf.probing.plots import plot_cka, plot_probes
+
+    plot_probes(report, out / "probe.png")
+    if "drift" in report:
+        plot_cka(report["drift"], out / "cka.png")
+    return report
+
+
+def drift_report(reference: str, checkpoints: dict[str, str], splits: dict[str, Examples], base: FinetuneSpec,
+                 samples: int) -> dict:
+    """Per-layer CKA and effective rank of each checkpoint against ``reference``, on the
+    first ``samples`` dev examples of the first task (mean-pooled hidden states)."""
+    dev = next(ex for name, ex in splits.items() if name != "train").head(samples)
+    ref_tokenizer, ref_encoder = load_encoder(reference, base.trust_remote_code)
+    layers = list(range(ref_encoder.config.num_hidden_layers + 1))
+    ref_states = encode(ref_encoder, ref_tokenizer, dev, base.max_length, "mean", layers)
+    drift = {"reference": reference, "examples": len(dev), "checkpoints": {}}
+    for name, checkpoint in checkpoints.items():
+        tokenizer, encoder = load_encoder(checkpoint, base.trust_remote_code)
+        states = encode(encoder, tokenizer, dev, base.max_length, "mean", layers)
+        drift["checkpoints"][name] = layer_drift(ref_states, states)
+    return drift
+
+
+def probe_table(report: dict) -> str:
+    tasks = report["tasks"]
+    first = next(iter(report["probes"].values()))
+    lines = ["| checkpoint | " + " | ".join(f"{t} ({first[t]['main_metric']})" for t in tasks) + " |",
+             "|---|" + "---|" * len(tasks)]
+    for name, by_task in report["probes"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * by_task[t]['score']:.1f}" for t in tasks) + " |")
+    lines.append("| majority class | " + " | ".join(
+        f"{100 * first[t]['majority']:.1f}" if first[t]["majority"] is not None else "–" for t in tasks) + " |")
+    text = "Linear probe on the frozen encoder: dev score ×100\n\n" + "\n".join(lines) + "\n"
+    if "drift" in report:
+        drift = report["drift"]
+        names = list(drift["checkpoints"])
+        text += (f"\nLinear CKA to {drift['reference']} per layer (mean-pooled, {drift['examples']} dev examples of "
+                 f"{tasks[0]}); effective rank in brackets\n\n| layer | " + " | ".join(names) + " |\n|---|"
+                 + "---|" * len(names) + "\n")
+        for i in range(len(drift["checkpoints"][names[0]])):
+            cells = [f"{d[i]['cka']:.3f} ({d[i]['effective_rank']:.1f})" for d in drift["checkpoints"].values()]
+            text += f"| {i} | " + " | ".join(cells) + " |\n"
+    return text

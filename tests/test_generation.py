@@ -1,0 +1,217 @@
+"""R3F for seq2seq and decoder-only models, ROUGE, and summarisation through the CLI."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import write_tiny_checkpoint
+from test_methods import PassCounter
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    GPT2Config,
+    GPT2LMHeadModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+import rxf.methods.generation as generation
+from rxf import MethodOptions
+from rxf.cli import main
+from rxf.errors import OptionError
+from rxf.methods.generation import generation_loss, label_smoothed_nll, token_divergence
+from rxf.tasks.summarization import rouge
+
+V = 60
+
+
+def tiny(kind: str, dropout: float = 0.0):
+    torch.manual_seed(0)
+    if kind == "bart":
+        return BartForConditionalGeneration(BartConfig(
+            vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=64,
+            pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, dropout=dropout,
+            attention_dropout=dropout, activation_dropout=dropout))
+    if kind == "t5":
+        return T5ForConditionalGeneration(T5Config(
+            vocab_size=V, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0, dropout_rate=dropout))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=V - 1,
+                                      eos_token_id=V - 1, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
+
+
+def batch_for(kind: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "gpt2":
+        ids = torch.randint(3, V - 1, (4, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[2:, 9:] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :5] = -100  # the prompt: no loss there
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    ids = torch.randint(3, V, (4, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2:, 7:] = 0
+    labels = torch.randint(3, V, (4, 6), generator=g)
+    labels[1:, 4:] = -100  # padded targets
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+KINDS = ["bart", "t5", "gpt2"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_noise_gives_zero_term(kind):
+    model = tiny(kind).train()
+    loss, logs = generation_loss(model, batch_for(kind), MethodOptions(method="r3f", noise_eps=0.0))
+    std, _ = generation_loss(model, batch_for(kind), MethodOptions(method="std"))
+    assert logs["regularizer"].item() == 0.0 and torch.equal(loss, std)
+
+
+def test_label_smoothed_loss_matches_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, V)
+    labels = torch.randint(0, V, (3, 5))
+    labels[1, 3:] = -100
+    expected = F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=-100, label_smoothing=0.1)
+    assert label_smoothed_nll(logits, labels, 0.1).item() == pytest.approx(expected.item(), abs=1e-6)
+    manual = []
+    for b in range(3):
+        for t in range(5):
+            if labels[b, t] != -100:
+                logp = F.log_softmax(logits[b, t].double(), -1)
+                manual.append(0.9 * -logp[labels[b, t]] + 0.1 * -logp.mean())
+    assert label_smoothed_nll(logits, labels, 0.1).item() == pytest.approx(torch.stack(manual).mean().item(), abs=1e-6)
+
+
+def test_padding_targets_do_not_touch_the_kl():
+    torch.manual_seed(1)
+    clean, noised = torch.randn(2, 6, V), torch.randn(2, 6, V)
+    labels = torch.randint(0, V, (2, 6))
+    labels[0, 4:] = -100
+    before = token_divergence(clean, noised, labels)
+    changed = noised.clone()
+    changed[labels == -100] += 50 * torch.randn_like(changed[labels == -100])
+    assert torch.equal(token_divergence(clean, changed, labels), before)
+
+
+def test_decoder_only_prompt_positions_do_not_affect_the_term(monkeypatch):
+    """Logits at positions outside the response mask are changed after the forward
+    pass; the R3F term stays the same to the bit."""
+    model = tiny("gpt2").train()
+    batch = batch_for("gpt2")
+    noise_calls = []
+    monkeypatch.setattr(generation, "sample_noise", lambda e, k, s: noise_calls.append(1) or torch.full_like(e, 0.05))
+    _, logs = generation_loss(model, batch, MethodOptions(method="r3f"))
+
+    original_forward = model.forward
+    scored = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    scored[:, :-1] = batch["labels"][:, 1:] != -100  # position t is scored when token t+1 has a label
+
+    def forward_with_garbage_outside(*args, **kwargs):
+        out = original_forward(*args, **kwargs)
+        out.logits = out.logits.masked_fill(~scored.unsqueeze(-1), 0.0) + (~scored).unsqueeze(-1) * torch.randn_like(out.logits) * 30
+        return out
+
+    monkeypatch.setattr(model, "forward", forward_with_garbage_outside)
+    _, changed = generation_loss(model, batch, MethodOptions(method="r3f"))
+    assert changed["regularizer"].item() == logs["regularizer"].item() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_lowers_the_loss_with_two_forward_one_backward(kind, monkeypatch):
+    model = tiny(kind, dropout=0.1).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    options = MethodOptions(method="r3f", noise_eps=1e-3)
+    batch = batch_for(kind)
+    counter = PassCounter(model, monkeypatch)
+    losses = []
+    for _ in range(15):
+        loss, logs = generation_loss(model, batch, options)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(logs["task_loss"].item())
+    assert losses[-1] < losses[0]
+    assert (logs["forward_passes"], logs["backward_passes"]) == (2, 1)
+    assert (counter.forward, counter.backward) == (30, 15)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert len(changed) == len(before)
+
+
+def test_decoder_noise_option_runs():
+    model = tiny("bart").train()
+    _, logs = generation_loss(model, batch_for("bart"), MethodOptions(method="r3f", noise_target="decoder", noise_eps=1e-2))
+    assert logs["regularizer"].item() > 0
+
+
+def test_r4f_and_adversarial_methods_refused_for_generation(tmp_path):
+    from rxf import RXFConfig, RXFTrainer
+
+    with pytest.raises(OptionError, match="r4f is not defined for generation"):
+        generation_loss(tiny("t5"), batch_for("t5"), MethodOptions(method="r4f"))
+    with pytest.raises(OptionError, match="r4f"):
+        RXFTrainer(model=tiny("bart"), args=RXFConfig(output_dir=str(tmp_path), method="r4f", report_to="none"))
+    with pytest.raises(OptionError, match="smart"):
+        generation_loss(tiny("gpt2"), batch_for("gpt2"), MethodOptions(method="smart"))
+
+
+def test_rouge_agrees_with_rouge_score():
+    from rouge_score import rouge_scorer
+
+    predictions = ["the cat sat on the mat. it was happy.", "police arrested a man on monday"]
+    references = ["a cat was sitting on the mat. the cat was happy!", "a man was arrested by police"]
+    ours = rouge(predictions, references)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    direct = [scorer.score(r, p) for p, r in zip(predictions, references)]
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert ours[key] == pytest.approx(100 * sum(d[key].fmeasure for d in direct) / 2)
+    lsum = [scorer.score("a cat was sitting on the mat.\nthe cat was happy!", "the cat sat on the mat.\nit was happy."),
+            scorer.score(references[1], predictions[1])]
+    assert ours["rougeLsum"] == pytest.approx(100 * sum(s["rougeLsum"].fmeasure for s in lsum) / 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_bart_checkpoint(tmp_path_factory):
+    """A tiny random BART with the character-level tokenizer of the tiny BERT."""
+    from transformers import AutoTokenizer
+
+    folder = write_tiny_checkpoint(tmp_path_factory.mktemp("bart"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+        decoder_start_token_id=tokenizer.cls_token_id, forced_eos_token_id=None,
+    )
+    for f in folder.glob("model.safetensors"):
+        f.unlink()
+    (folder / "config.json").unlink()
+    BartForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+def test_gigaword_end_to_end_with_tiny_bart(data_dir, tiny_bart_checkpoint, tmp_path, capsys):
+    out = tmp_path / "giga"
+    assert main(["finetune", "--task", "gigaword", "--method", "r3f", "--model", str(tiny_bart_checkpoint),
+                 "--data-dir", str(data_dir / "summarization" / "Gigaword"), "--max-train-samples", "32",
+                 "--max-eval-samples", "6", "--max-steps", "4", "--batch-size", "8", "--max-length", "64",
+                 "--max-target-length", "12", "--num-beams", "2", "--learning-rate", "1e-3", "--no-progress",
+                 "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["rouge"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert len(results["generated"]) == 6 and results["passes_per_update"] == {"forward": 2, "backward": 1}
+    assert "rougeL" in results["best"]["dev"]
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 6 and {"source", "reference", "prediction"} <= set(predictions[0])
+    assert predictions[0]["reference"] == (data_dir / "summarization/Gigaword/val/val.target").read_text().splitlines()[0]
+
+    capsys.readouterr()
+    assert main(["finetune", "--task", "gigaword", "--method", "r4f", "--model", str(tiny_bart_checkpoint),
+                 "--data-dir", str(data_dir / "summarization" / "Gigaword"), "--output-dir", str(tmp_path / "r4f")]) == 2
+    assert "r4f is not defined for generation" in capsys.readouterr().err
+    assert not (tmp_path / "r4f").exists()

@@ -1,0 +1,142 @@
+"""Linear probes, feature cache, drift measures, chains and cycles."""
+
+import json
+import shutil
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from test_experiments import TINY_RUN, glue_like  # noqa: F401  (fixture)
+
+from rxf.cli import main
+from rxf.probing.drift import effective_rank, linear_cka
+from rxf.probing.features import cached_features, load_encoder
+from rxf.probing.probe import probe_checkpoint, train_linear_probe
+from rxf.tasks import get_task
+from rxf.tasks.loading import Examples
+
+# --- drift measures --------------------------------------------------------------------
+
+
+def reference_cka(x, y):
+    """CKA through HSIC with linear kernels (Kornblith et al. 2019, eq. 3)."""
+    n = x.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l_ = x @ x.T, y @ y.T
+    hsic = lambda a, b: np.trace(a @ h @ b @ h)  # noqa: E731
+    return hsic(k, l_) / np.sqrt(hsic(k, k) * hsic(l_, l_))
+
+
+def test_linear_cka_properties():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 8)), rng.normal(size=(50, 6))
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    assert linear_cka(x, x @ q) == pytest.approx(1.0)  # orthogonal rotation
+    assert linear_cka(x, 3.5 * x + 7.0) == pytest.approx(1.0)  # isotropic scaling and a shift
+    assert linear_cka(x, y) == pytest.approx(reference_cka(x, y))
+    assert linear_cka(x @ q, 2 * y - 1) == pytest.approx(linear_cka(x, y))
+    assert 0 <= linear_cka(x, y) < 0.5
+
+
+def test_effective_rank_is_at_most_the_rank():
+    rng = np.random.default_rng(1)
+    for k in (1, 3, 5):
+        m = rng.normal(size=(40, k)) @ rng.normal(size=(k, 16))
+        assert effective_rank(m) <= k + 1e-9
+    assert effective_rank(rng.normal(size=(200, 4))) > 3.5
+
+
+# --- probes and the feature cache ------------------------------------------------------
+
+def small_examples(n=40):
+    words = ["good", "bad", "great", "awful", "fine", "poor"]
+    texts = [f"it was {words[i % 6]} and {words[(i * 7) % 6]}" for i in range(n)]
+    return Examples(texts, None, [int(words[i % 6] in ("good", "great", "fine")) for i in range(n)], "memory")
+
+
+def test_probe_trains_only_a_linear_layer(tiny_checkpoint):
+    tokenizer, encoder = load_encoder(str(tiny_checkpoint))
+    before = {n: p.detach().clone() for n, p in encoder.named_parameters()}
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+    splits = {"train": small_examples(), "dev": small_examples(20)}
+    result = probe_checkpoint(str(tiny_checkpoint), get_task("sst2"), splits, encoder_and_tokenizer=(tokenizer, encoder))
+    assert all(torch.equal(p, before[n]) for n, p in encoder.named_parameters())
+    assert 0 <= result["score"] <= 1 and result["majority"] is not None
+    features, _ = cached_features(str(tiny_checkpoint), splits["train"], encoder_and_tokenizer=(tokenizer, encoder))
+    probe = train_linear_probe(features, splits["train"].labels, regression=False)
+    linear = probe[-1]
+    assert linear.coef_.shape == (1, features.shape[1])  # one linear layer on H features
+
+
+def test_feature_cache_is_reused_and_invalidated_by_new_weights(tiny_checkpoint, tmp_path):
+    examples = small_examples(44)  # texts no other test encodes
+    first, cached = cached_features(str(tiny_checkpoint), examples)
+    assert not cached
+    again, cached = cached_features(str(tiny_checkpoint), examples)
+    assert cached and np.array_equal(first, again)
+
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_checkpoint, changed)
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(changed)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.add_(0.5)
+    model.save_pretrained(changed)
+    other, cached = cached_features(str(changed), examples)
+    assert not cached and not np.array_equal(first, other)
+
+
+# --- commands ----------------------------------------------------------------------------
+
+def test_chain_and_cycle_run_and_resume(tiny_checkpoint, glue_like, tmp_path):  # noqa: F811
+    out = tmp_path / "chain"
+    args = ["chain", "--tasks", "sst2,rte", "--methods", "std,r3f", "--model", str(tiny_checkpoint),
+            "--data-dir", str(glue_like), "--output-dir", str(out), *TINY_RUN]
+    assert main(args) == 0
+    report = json.loads((out / "chain.json").read_text())
+    for method in ("std", "r3f"):
+        stages = report["methods"][method]
+        assert [s["stage"] for s in stages] == ["pre-trained", "after sst2", "after rte"]
+        assert all(0 <= s["score"] <= 1 and s["task"] == "sst2" for s in stages)
+    assert plt.imread(out / "chain.png").ndim == 3 and "| std |" in (out / "chain.md").read_text()
+    # The second stage starts from the first stage's best checkpoint.
+    second = json.loads((out / "r3f" / "stage02-rte" / "results.json").read_text())
+    assert second["model"] == str(out / "r3f" / "stage01-sst2" / "best")
+
+    # Interrupted between stages: the last stage is gone; the rerun redoes only it.
+    first_stage = out / "std" / "stage01-sst2" / "results.json"
+    mtime = first_stage.stat().st_mtime_ns
+    shutil.rmtree(out / "std" / "stage02-rte")
+    assert main(args) == 0
+    assert first_stage.stat().st_mtime_ns == mtime
+    assert (out / "std" / "stage02-rte" / "results.json").is_file()
+
+    cyc = tmp_path / "cycle"
+    args = ["cycle", "--tasks", "sst2,rte", "--cycles", "2", "--methods", "std,r3f", "--model", str(tiny_checkpoint),
+            "--data-dir", str(glue_like), "--output-dir", str(cyc), *TINY_RUN]
+    assert main(args) == 0
+    report = json.loads((cyc / "cycle.json").read_text())
+    probes = report["methods"]["r3f"]
+    assert [(p["cycle"], p["task"]) for p in probes] == [(1, "sst2"), (1, "rte"), (2, "sst2"), (2, "rte")]
+    assert (cyc / "cycle.png").is_file() and "| r3f | 2 |" in (cyc / "cycle.md").read_text()
+    mtimes = {p: p.stat().st_mtime_ns for p in cyc.rglob("results.json")}
+    shutil.rmtree(cyc / "std" / "stage04-c2-rte")
+    assert main(args) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items() if p.exists() and "stage04" not in str(p))
+
+
+@pytest.mark.real
+def test_probe_base_minilm_on_real_glue(data_dir, minilm_path, tmp_path):
+    out = tmp_path / "probe"
+    assert main(["probe", "--tasks", "sst2,rte,mrpc", "--data-dir", str(data_dir / "glue"), "--max-train-samples",
+                 "2000", "--reference", "base", "--cka-samples", "128", "--output-dir", str(out)]) == 0
+    report = json.loads((out / "probe.json").read_text())
+    sst2 = report["probes"]["pre-trained"]["sst2"]
+    assert sst2["train_examples"] == 2000 and sst2["dev_examples"] == 872
+    assert sst2["score"] > sst2["majority"] + 0.1
+    assert all(layer["cka"] == pytest.approx(1.0) for layer in report["drift"]["checkpoints"]["pre-trained"])
+    assert plt.imread(out / "probe.png").ndim == 3 and plt.imread(out / "cka.png").ndim == 3
+    assert "| pre-trained |" in (out / "probe.md").read_text()
