@@ -199,7 +199,12 @@ def training_arguments(config_cls, spec: FinetuneSpec, options: MethodOptions, o
     """The Trainer configuration of a run: evaluate and checkpoint every epoch (or
     ``spec.eval_steps`` updates), keep the best checkpoint by ``best_metric``."""
     strategy = "steps" if spec.eval_steps else "epoch"
+    import torch
+
+    # Under torchrun on CPUs, Accelerate sets up DDP over gloo only when told to use the CPU.
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return config_cls(
+        use_cpu=distributed_cpu,
         output_dir=str(out / "checkpoints"),
         seed=spec.seed,
         data_seed=spec.seed,

@@ -20,10 +20,14 @@ LABEL_KEYS = ("labels",)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP/FSDP/DataParallel/torch.compile wrappers."""
+    """The Hugging Face model inside DDP/FSDP/DataParallel/torch.compile wrappers and
+    PEFT's ``PeftModel`` (whose base model carries the injected adapter layers)."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            inner = model.get_base_model()
+        else:
+            inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) or inner is model:
             return model
         model = inner
 

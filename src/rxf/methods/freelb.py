@@ -92,12 +92,14 @@ def freelb_step(
     first = None
     for k in range(steps):
         delta.requires_grad_(True)
-        if k > 0:  # a fresh lookup: the previous step's graph was freed by backward
-            embeds = embed(model, input_ids)
-        logits = forward_embeds(model, embeds + delta.to(embeds.dtype), batch)
-        loss = task_loss(logits, batch["labels"]) / steps
+        # DDP decides at forward time whether the next backward all-reduces, so the
+        # forward as well as the backward of the first K-1 steps run under no_sync.
         sync = no_sync() if (no_sync is not None and k < steps - 1) else contextlib.nullcontext()
         with sync:
+            if k > 0:  # a fresh lookup: the previous step's graph was freed by backward
+                embeds = embed(model, input_ids)
+            logits = forward_embeds(model, embeds + delta.to(embeds.dtype), batch)
+            loss = task_loss(logits, batch["labels"]) / steps
             backward(loss)
         total = total + loss.detach()
         first = loss.detach() * steps if first is None else first

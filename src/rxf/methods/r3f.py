@@ -20,7 +20,7 @@ from torch import nn
 from rxf.divergence import output_divergence
 from rxf.methods.options import MethodOptions
 from rxf.methods.standard import Logs, task_loss
-from rxf.models import embed, forward_embeds
+from rxf.models import embed, forward_embeds, unwrap
 from rxf.noise import sample_noise
 
 
@@ -47,9 +47,13 @@ def r3f_loss(
     if not model.training:
         return loss, logs
 
-    # Reuse the looked-up embeddings rather than a second table lookup.
+    # Reuse the looked-up embeddings rather than a second table lookup. The extra pass
+    # runs on the module inside any DDP wrapper: DDP allows one forward per backward, and
+    # its gradient hooks sit on the parameters, so both passes' gradients are still
+    # all-reduced together, once.
     base = embeds.detach() if options.r3f_detach_embeddings else embeds
-    noised = forward_embeds(model, base + sample_noise(embeds, options.noise_type, options.noise_eps), batch)
+    noise = sample_noise(embeds, options.noise_type, options.noise_eps)
+    noised = forward_embeds(unwrap(model), base + noise, batch)
     regularizer = output_divergence(clean, noised)
     logs.update(regularizer=regularizer.detach(), forward_passes=2)
     return loss + options.r3f_lambda * regularizer, logs

@@ -131,8 +131,11 @@ def smart_loss(
     if not model.training:
         return loss, logs
 
-    delta = find_perturbation(model, embeds.detach(), clean.detach(), batch, options)
-    perturbed = forward_embeds(model, embeds + delta.to(embeds.dtype), batch)
+    # Extra passes run on the module inside any DDP wrapper (one DDP forward per
+    # backward); the parameters' gradient hooks still all-reduce the sum once.
+    inner = unwrap(model)
+    delta = find_perturbation(inner, embeds.detach(), clean.detach(), batch, options)
+    perturbed = forward_embeds(inner, embeds + delta.to(embeds.dtype), batch)
     regularizer = output_divergence(clean, perturbed)
     loss = loss + options.smart_lambda * regularizer
     logs.update(
