@@ -35,7 +35,7 @@ def main() -> None:
 
     model = build_model(args.model, args.config).to(args.device)
     batch = random_batch(args.batch_size, args.seq_len, model.config.vocab_size, args.device)
-    rows = measure(model, batch, method_grid(), args.device, args.dtype == "bf16", args.warmup, args.repeats)
+    rows = measure(model, batch, method_grid(r3f_variants=True), args.device, args.dtype == "bf16", args.warmup, args.repeats)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"# {args.model or args.config}, batch {args.batch_size} x {args.seq_len}, {args.dtype}, {args.device} "
           f"({name}), torch {torch.__version__}, {torch.get_num_threads()} threads; "

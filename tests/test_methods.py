@@ -301,3 +301,34 @@ def test_counted_passes_match_the_run(monkeypatch, method, extra, expected):
 def test_bad_options_name_the_option(kwargs, flag):
     with pytest.raises(OptionError, match=flag):
         MethodOptions(**kwargs).validate()
+
+
+def test_r3f_concat_batch_computes_the_same_loss(monkeypatch):
+    model = tiny_model(dropout=0.0).train()
+    batch = toy_batch()
+    noise = torch.randn(8, 10, 32) * 0.05
+    monkeypatch.setattr(r3f_module, "sample_noise", lambda like, kind, sigma: noise)
+    separate, logs = r3f_loss(model, batch, MethodOptions(method="r3f"))
+    stacked, stacked_logs = r3f_loss(model, batch, MethodOptions(method="r3f", r3f_concat_batch=True))
+    torch.testing.assert_close(stacked, separate, atol=1e-6, rtol=1e-5)
+    assert stacked_logs["forward_passes"] == logs["forward_passes"] == 2
+    g_sep, g_cat = grads(model, separate), grads(model, stacked)
+    for name in g_sep:
+        if g_sep[name] is not None:
+            torch.testing.assert_close(g_cat[name], g_sep[name], atol=1e-6, rtol=1e-4)
+
+
+def test_r3f_noised_no_grad_takes_gradient_through_the_clean_pass_only(monkeypatch):
+    model = tiny_model(dropout=0.0).train()
+    batch = toy_batch()
+    noise = torch.randn(8, 10, 32) * 0.1
+    monkeypatch.setattr(r3f_module, "sample_noise", lambda like, kind, sigma: noise)
+    full, _ = r3f_loss(model, batch, MethodOptions(method="r3f", r3f_noised_no_grad=True))
+    task, _ = standard_loss(model, batch)
+    e = embed(model, batch["input_ids"])
+    clean = forward_embeds(model, e, batch)
+    noised = forward_embeds(model, e.detach() + noise, batch).detach()
+    via_clean = grads(model, symmetric_kl(clean, noised))
+    g_full, g_task = grads(model, full), grads(model, task)
+    for name in ("bert.encoder.layer.0.attention.self.query.weight", "classifier.weight"):
+        torch.testing.assert_close(g_full[name] - g_task[name], via_clean[name], atol=1e-6, rtol=1e-4)

@@ -278,7 +278,7 @@ def train_and_report(trainer, spec: FinetuneSpec, options: MethodOptions, task_n
         },
         "hardware": _hardware(torch),
     }
-    if write:
+    if write and trainer.is_world_process_zero():
         write_json_atomic(out / RESULTS, results)
     return results
 

@@ -81,10 +81,12 @@ def run_generation(spec: FinetuneSpec, options: MethodOptions, task: Summarizati
     generated = decode(trainer.predict(datasets["dev"]).predictions)  # the best model, loaded at the end
     lines = [json.dumps({"source": s, "reference": r, "prediction": p}, ensure_ascii=False)
              for s, r, p in zip(splits["dev"].sources, splits["dev"].targets, generated)]
-    tmp = out / "predictions.jsonl.tmp"
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(out / "predictions.jsonl")
+    if trainer.is_world_process_zero():
+        tmp = out / "predictions.jsonl.tmp"
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.replace(out / "predictions.jsonl")
     results["rouge"] = rouge(generated, splits["dev"].targets)
     results["generated"] = generated
-    write_json_atomic(out / RESULTS, results)
+    if trainer.is_world_process_zero():
+        write_json_atomic(out / RESULTS, results)
     return results

@@ -189,12 +189,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def method_grid(smart_steps=(1, 2), freelb_steps=(2, 3), base: MethodOptions | None = None) -> dict[str, MethodOptions]:
-    """STD first (the baseline), then R3F, R4F, SMART and FreeLB at several step counts."""
+def method_grid(smart_steps=(1, 2), freelb_steps=(2, 3), base: MethodOptions | None = None,
+                r3f_variants: bool = False) -> dict[str, MethodOptions]:
+    """STD first (the baseline), then R3F, R4F, SMART and FreeLB at several step counts;
+    with ``r3f_variants`` also R3F with a gradient-free noised pass, as one 2B batch and as
+    two passes of B (plain ``r3f`` uses the device's default, see ``r3f_concat_batch``)."""
     import dataclasses
 
     base = base or MethodOptions()
     grid = {name: dataclasses.replace(base, method=name) for name in ("std", "r3f", "r4f")}
+    if r3f_variants:
+        grid["r3f-nograd"] = dataclasses.replace(base, method="r3f", r3f_noised_no_grad=True)
+        grid["r3f-2b"] = dataclasses.replace(base, method="r3f", r3f_concat_batch=True)
+        grid["r3f-2pass"] = dataclasses.replace(base, method="r3f", r3f_concat_batch=False)
     for s in smart_steps:
         grid[f"smart{s}"] = dataclasses.replace(base, method="smart", smart_steps=s)
     for k in freelb_steps:

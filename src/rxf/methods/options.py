@@ -66,6 +66,18 @@ class MethodOptions:
         "classification: the embedding table then gets gradient through the clean pass "
         "only. The KL stays differentiable through both passes' encoders either way.",
     )
+    r3f_noised_no_grad: bool = _opt(
+        False,
+        "Run R3F's noised pass without gradient, as a fixed target: the KL's gradient then "
+        "flows through the clean pass only, so the backward covers one graph. Cheaper than "
+        "the paper's R3F (whose KL is differentiable through both passes) and not the same.",
+    )
+    r3f_concat_batch: bool | None = _opt(
+        None,
+        "Run R3F's clean and noised inputs as one batch of 2B instead of two passes of B (the "
+        "same result). Unset: on for CUDA tensors, where one large batch measured faster "
+        "(docs/performance.md), off on CPUs.",
+    )
     r4f_scope: str = _opt(
         "all",
         "R4F spectral normalisation scope: all linear layers of the head (the paper's "

@@ -12,6 +12,7 @@ runs, so evaluation costs what Standard's does.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -39,21 +40,36 @@ def r3f_loss(
     Returns:
         ``(loss, logs)``: the scalar loss to back-propagate once, and detached terms
         (``task_loss``, ``regularizer``) with the passes this call ran.
+
+    ``r3f_noised_no_grad`` makes the noised pass a fixed target (no gradient through it);
+    ``r3f_concat_batch`` runs both inputs as one batch of 2B.
     """
     embeds = embed(model, batch["input_ids"])  # (B, T, H)
-    clean = forward_embeds(model, embeds, batch)  # (B, C)
+    noisy = model.training
+    base = embeds.detach() if options.r3f_detach_embeddings else embeds
+    concat = embeds.is_cuda if options.r3f_concat_batch is None else options.r3f_concat_batch
+    concat = concat and not options.r3f_noised_no_grad
+    if noisy and concat:
+        # One pass over the (2B, T, H) stack of clean and noised embeddings.
+        noise = sample_noise(embeds, options.noise_type, options.noise_eps)
+        doubled = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+        clean, noised = forward_embeds(model, torch.cat([embeds, base + noise]), doubled).chunk(2)
+    else:
+        clean = forward_embeds(model, embeds, batch)  # (B, C)
     loss = task_loss(clean, batch["labels"])
     logs: Logs = {"task_loss": loss.detach(), "forward_passes": 1, "backward_passes": 1}
-    if not model.training:
+    if not noisy:
         return loss, logs
 
-    # Reuse the looked-up embeddings rather than a second table lookup. The extra pass
-    # runs on the module inside any DDP wrapper: DDP allows one forward per backward, and
-    # its gradient hooks sit on the parameters, so both passes' gradients are still
-    # all-reduced together, once.
-    base = embeds.detach() if options.r3f_detach_embeddings else embeds
-    noise = sample_noise(embeds, options.noise_type, options.noise_eps)
-    noised = forward_embeds(unwrap(model), base + noise, batch)
+    if not concat:
+        # Reuse the looked-up embeddings rather than a second table lookup. The extra pass
+        # runs on the module inside any DDP wrapper: DDP allows one forward per backward,
+        # and its gradient hooks sit on the parameters, so both passes' gradients are
+        # still all-reduced together, once.
+        noise = sample_noise(embeds, options.noise_type, options.noise_eps)
+        with torch.no_grad() if options.r3f_noised_no_grad else contextlib.nullcontext():
+            noised = forward_embeds(unwrap(model), base + noise, batch)
     regularizer = output_divergence(clean, noised)
+    # Passes over a batch of B: the 2B stack counts as two.
     logs.update(regularizer=regularizer.detach(), forward_passes=2)
     return loss + options.r3f_lambda * regularizer, logs
