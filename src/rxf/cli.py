@@ -76,6 +76,14 @@ def add_run_options(parser: argparse.ArgumentParser, defaults) -> None:
                    help="block repeated n-grams in generation (default: %(default)s)")
 
 
+def add_training_options(parser: argparse.ArgumentParser, defaults, func) -> None:
+    """Training, data and method options for a command that fine-tunes, and its handler."""
+    add_run_options(parser, defaults)
+    add_data_options(parser)
+    add_method_options(parser)
+    parser.set_defaults(func=func)
+
+
 def add_data_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data-dir", default=None, help="local data: the GLUE root (SST-2/, RTE/, ...) or a folder with "
@@ -266,10 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GLUE task or summarisation task (lower case)")
     p.add_argument("--output-dir", required=True, help="run folder: checkpoints/, best/, results.json")
     p.add_argument("--overwrite", action="store_true", help="start again even if the run finished or has checkpoints")
-    add_run_options(p, defaults)
-    add_data_options(p)
-    add_method_options(p)
-    p.set_defaults(func=cmd_finetune)
+    add_training_options(p, defaults, cmd_finetune)
 
     c = sub.add_parser("compare", help="tasks x methods x seeds, then tables and violin plots (Table 2, Figures 1-2)")
     c.add_argument("--tasks", required=True, help="comma-separated GLUE tasks, e.g. rte,mrpc")
@@ -277,10 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated seeds (default: %(default)s)")
     c.add_argument("--configs", default=None, help="best_configs.json from rxf sweep: per task and method settings")
     c.add_argument("--output-dir", required=True, help="runs/<task>/<method>/seed<N>/, report.md, plots")
-    add_run_options(c, defaults)
-    add_data_options(c)
-    add_method_options(c)
-    c.set_defaults(func=cmd_compare)
+    add_training_options(c, defaults, cmd_compare)
 
     r = sub.add_parser("report", help="rebuild tables and plots from a folder of results.json files")
     r.add_argument("--runs", required=True, help="folder searched recursively for results.json")
@@ -296,10 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "paper's search spaces, e.g. '{\"learning_rate\": [5e-5, 1e-4]}'")
     w.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default: %(default)s)")
     w.add_argument("--output-dir", required=True, help="trials/, sweep.db, best_configs.json")
-    add_run_options(w, defaults)
-    add_data_options(w)
-    add_method_options(w)
-    w.set_defaults(func=cmd_sweep)
+    add_training_options(w, defaults, cmd_sweep)
 
     k = sub.add_parser("cost", help="time one update of each method against std (the paper's Table 1)")
     k.add_argument("--model", default=None, help="hub name or folder (default: --config)")
@@ -323,10 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--eval", action="append", default=[], metavar="LANG=PATH",
                    help="a language's NLI file (repeat the flag for each language)")
     x.add_argument("--output-dir", required=True, help="runs/<method>/, xnli.json, xnli.md")
-    add_run_options(x, defaults)
-    add_data_options(x)
-    add_method_options(x)
-    x.set_defaults(func=cmd_xnli)
+    add_training_options(x, defaults, cmd_xnli)
 
     pr = sub.add_parser("probe", help="linear probes on frozen encoders, with CKA drift (Figure 3)")
     pr.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
@@ -352,10 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "cycle":
             ch.add_argument("--cycles", type=int, default=3, help="how often the chain repeats (default: %(default)s)")
         ch.add_argument("--output-dir", required=True, help="one folder per method and stage, report, plot")
-        add_run_options(ch, defaults)
-        add_data_options(ch)
-        add_method_options(ch)
-        ch.set_defaults(func=cmd_chain)
+        add_training_options(ch, defaults, cmd_chain)
 
     d = sub.add_parser("demo", help="offline quickstart: STD vs R3F on a small bundled demo dataset")
     d.add_argument("--output-dir", default="rxf-demo", help="where the demo runs go (default: %(default)s)")

@@ -16,10 +16,12 @@ The best configuration of each method is written to ``best_configs.json``, which
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 from rxf.errors import OptionError
@@ -65,13 +67,28 @@ def _alive_here(trial) -> bool:
         return False
 
 
+# A worker writes its host and pid into a trial milliseconds after taking it; a running
+# trial still without them after this long lost its worker in between.
+ORPHAN_SECONDS = 10.0
+
+
 def _recover_stale(study) -> None:
-    """Fail trials whose worker on this host died, and queue their configuration again."""
+    """Fail trials whose worker died — on this host, or before it could sign the trial —
+    and queue their configuration again."""
     from optuna.trial import TrialState
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if "pid" in trial.user_attrs and not _alive_here(trial):
-            study.tell(trial.number, state=TrialState.FAIL)
+        if "pid" not in trial.user_attrs:
+            age = (datetime.datetime.now() - trial.datetime_start).total_seconds()
+            if age < ORPHAN_SECONDS:
+                time.sleep(ORPHAN_SECONDS - age)
+            trial = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+            if trial.state != TrialState.RUNNING or "pid" in trial.user_attrs:
+                continue  # a live worker signed it meanwhile
+        elif _alive_here(trial):
+            continue
+        study.tell(trial.number, state=TrialState.FAIL)
+        if trial.params:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 
