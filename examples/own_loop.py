@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from rxf import EMATeacher, MethodOptions, apply_spectral_norm, freelb_step, r3f_loss, smart_loss, standard_loss
+from rxf import EMATeacher, MethodOptions, apply_spectral_norm, freelb_step, method_loss
 from rxf.demo import DEMO_DATA, DEMO_TASK
 from rxf.optim import adamw
 from rxf.tasks.loading import load_local
@@ -45,13 +45,8 @@ def main() -> None:
             optimizer.zero_grad()
             if options.method == "freelb":  # runs its own K backward calls
                 loss, logs = freelb_step(model, batch, options)
-            else:
-                if options.method == "smart":
-                    loss, logs = smart_loss(model, batch, options, teacher)
-                elif options.method in ("r3f", "r4f"):
-                    loss, logs = r3f_loss(model, batch, options)
-                else:
-                    loss, logs = standard_loss(model, batch)
+            else:  # r3f_loss, smart_loss or standard_loss, as options.method says
+                loss, logs = method_loss(model, batch, options, teacher)
                 loss.backward()
             optimizer.step()
             if teacher is not None:

@@ -7,7 +7,7 @@ from conftest import ARCHITECTURES, tiny_model, toy_batch
 from transformers import default_data_collator
 
 from rxf import METHODS, MethodOptions, RXFConfig, RXFTrainer, apply_spectral_norm, freelb_step
-from rxf.methods import r3f_loss, smart_loss, standard_loss
+from rxf.methods import method_loss
 from rxf.methods.r4f import normalised_linears
 from rxf.methods.smart import EMATeacher
 from rxf.optim import AdamWNoBiasCorrection, adamw
@@ -51,10 +51,7 @@ def functional_train(model, method, steps=12):
         if method == "freelb":
             loss, logs = freelb_step(model, batch, options)
         else:
-            fn = {"r3f": r3f_loss, "r4f": r3f_loss, "smart": smart_loss}.get(method)
-            loss, logs = fn(model, batch, options, teacher) if method == "smart" else (
-                fn(model, batch, options) if fn else standard_loss(model, batch)
-            )
+            loss, logs = method_loss(model, batch, options, teacher)
             loss.backward()
         optimizer.step()
         if teacher is not None:

@@ -10,6 +10,7 @@ LayerNorm twice.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -57,16 +58,22 @@ def token_mask(batch: dict[str, Any], embeds: torch.Tensor) -> torch.Tensor:
     return mask.unsqueeze(-1).to(embeds.dtype)
 
 
-def is_generation_model(model: nn.Module) -> bool:
-    """True for encoder-decoder and decoder-only language models (their logits are
-    (B, T, V) over a vocabulary), False for sequence classifiers."""
+@functools.cache
+def _generation_class_names() -> frozenset[str]:
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
     )
 
-    name = type(unwrap(model)).__name__
-    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) | set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values())
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) | frozenset(
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values()
+    )
+
+
+def is_generation_model(model: nn.Module) -> bool:
+    """True for encoder-decoder and decoder-only language models (their logits are
+    (B, T, V) over a vocabulary), False for sequence classifiers."""
+    return type(unwrap(model)).__name__ in _generation_class_names()
 
 
 def classification_head(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -32,10 +32,10 @@ from rxf.errors import OptionError
 from rxf.methods.freelb import freelb_step
 from rxf.methods.generation import check_generation_method, generation_loss
 from rxf.methods.options import MethodOptions
-from rxf.methods.r3f import r3f_loss
+from rxf.methods import method_loss
 from rxf.methods.r4f import apply_spectral_norm, refresh_spectral_norm
-from rxf.methods.smart import EMATeacher, smart_loss
-from rxf.methods.standard import standard_loss, task_loss
+from rxf.methods.smart import EMATeacher
+from rxf.methods.standard import task_loss
 from rxf.models import LABEL_KEYS, is_generation_model
 from rxf.optim import AdamWNoBiasCorrection
 
@@ -100,13 +100,7 @@ class RXFTrainer(Trainer):
             outputs = model(**{k: v for k, v in inputs.items() if k not in LABEL_KEYS})
             loss = task_loss(outputs.logits, inputs["labels"])
             return (loss, outputs) if return_outputs else loss
-        method = self.args.method
-        if method in ("r3f", "r4f"):
-            loss, logs = r3f_loss(model, inputs, self.args)
-        elif method == "smart":
-            loss, logs = smart_loss(model, inputs, self.args, self._smart_teacher(model))
-        else:
-            loss, logs = standard_loss(model, inputs)
+        loss, logs = method_loss(model, inputs, self.args, self._smart_teacher(model))
         self._record(logs)
         return loss
 
@@ -130,7 +124,7 @@ class RXFTrainer(Trainer):
         return loss / accumulation
 
     def _smart_teacher(self, model) -> EMATeacher | None:
-        if not self.args.smart_bregman:
+        if self.args.method != "smart" or not self.args.smart_bregman:
             return None
         if self.teacher is None:  # lazily, once the model sits on its device
             self.teacher = EMATeacher(model, self.args)

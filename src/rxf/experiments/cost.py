@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rxf.methods import EMATeacher, MethodOptions, apply_spectral_norm, freelb_step, r3f_loss, smart_loss, standard_loss
+from rxf.methods import EMATeacher, MethodOptions, apply_spectral_norm, freelb_step, method_loss
 
 # Paper's Table 1: (forward, backward) per update, S = ascent steps.
 PAPER_PASSES = {
@@ -63,12 +63,7 @@ class UpdateRunner:
             if method == "freelb":
                 _, self.logs = freelb_step(self.model, self.batch, self.options)
             else:
-                if method == "smart":
-                    loss, self.logs = smart_loss(self.model, self.batch, self.options, self.teacher)
-                elif method in ("r3f", "r4f"):
-                    loss, self.logs = r3f_loss(self.model, self.batch, self.options)
-                else:
-                    loss, self.logs = standard_loss(self.model, self.batch)
+                loss, self.logs = method_loss(self.model, self.batch, self.options, self.teacher)
                 loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
