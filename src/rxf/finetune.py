@@ -16,7 +16,7 @@ import os
 import platform
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,6 @@ class FinetuneSpec:
     no_repeat_ngram_size: int = 3
     overwrite: bool = False
     progress: bool = True
-    extra: dict = field(default_factory=dict)  # free-form labels kept in results.json
 
 
 def load_task_data(spec: FinetuneSpec, task: ClassificationTask | None = None) -> dict[str, Examples]:
@@ -86,7 +85,8 @@ def load_task_data(spec: FinetuneSpec, task: ClassificationTask | None = None) -
     }
 
 
-def _validate(spec: FinetuneSpec) -> None:
+def validate_spec(spec: FinetuneSpec) -> None:
+    """Raise OptionError naming the first training option rxf cannot use."""
     positive = {"--batch-size": spec.batch_size, "--max-length": spec.max_length,
                 "--gradient-accumulation-steps": spec.gradient_accumulation_steps}
     for flag, value in positive.items():
@@ -128,7 +128,7 @@ def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: Classificatio
     Every input is checked before anything is written. ``task`` overrides the GLUE
     task named by ``spec.task`` (the demo uses its own).
     """
-    _validate(spec)
+    validate_spec(spec)
     options.validate()
     task = task or get_task(spec.task)
     out = Path(spec.output_dir)

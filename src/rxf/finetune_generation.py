@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rxf.errors import OptionError
-from rxf.finetune import RESULTS, FinetuneSpec, _validate, train_and_report, training_arguments, write_json_atomic
+from rxf.finetune import RESULTS, FinetuneSpec, train_and_report, validate_spec, training_arguments, write_json_atomic
 from rxf.methods.generation import check_generation_method
 from rxf.methods.options import MethodOptions
 from rxf.tasks.loading import parse_column_map
@@ -31,7 +31,7 @@ def _tokenize(pairs: Pairs, tokenizer, spec: FinetuneSpec):
 def run_generation(spec: FinetuneSpec, options: MethodOptions, task: SummarizationTask) -> dict:
     """Fine-tune a seq2seq model on ``task``; returns (and writes) results.json's content
     with ROUGE on the dev split and the generated summaries in ``predictions.jsonl``."""
-    _validate(spec)
+    validate_spec(spec)
     options.validate()
     check_generation_method(options.method)
     out = Path(spec.output_dir)

@@ -26,9 +26,6 @@ class SummarizationTask:
     summary_column: str
     hub_dev_split: str = "validation"
 
-    main_metric: str = "rougeL"
-    is_regression: bool = False
-
 
 SUMMARIZATION_TASKS = {
     t.name: t
