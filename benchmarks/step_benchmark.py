@@ -1,8 +1,10 @@
-"""Time one full update (forward, backward, optimiser step) of every method against STD.
+"""Time one full update (forward, backward, optimiser step) of every method against STD,
+and against what users would run instead (``peers.py``).
 
-A thin front to ``rxf.experiments.cost`` (also behind ``rxf cost``): methods interleaved
-in one process after warm-up, medians over repetitions, ratios to STD, counted passes,
-FLOPs and peak memory. Never run as a test.
+A front to ``rxf.experiments.cost`` (also behind ``rxf cost``): methods and peers
+interleaved in one process after warm-up, medians over repetitions, ratios to STD, counted
+passes, FLOPs and peak memory; then the performance targets, each computed from rows of
+this one run. Never run as a test.
 
     python benchmarks/step_benchmark.py                      # embedded MiniLM, CPU, 32 x 128
     python benchmarks/step_benchmark.py --config bert-base   # random-init BERT-base size
@@ -17,7 +19,41 @@ import platform
 
 import torch
 
+from peers import peer_runners, rxf_rows_for_peers
 from rxf.experiments.cost import build_model, measure, method_grid, random_batch, table
+from rxf.methods import MethodOptions
+
+# (what, numerator, denominator, quantity, bound): numerator / denominator <= bound.
+TARGETS = [
+    ("rxf STD update vs plain Trainer (same optimiser: STD++)", "rxf-trainer-std++", "hf-trainer", "median_s", 1.03),
+    ("rxf STD update vs plain Trainer (no bias correction)", "rxf-trainer-std", "hf-trainer", "median_s", 1.03),
+    ("R3F time ratio / its FLOP ratio", "r3f", None, "time_per_flop", 1.05),
+    ("R4F vs R3F time", "r4f", "r3f", "median_s", 1.03),
+    ("R3F with a gradient-free noised pass vs STD time", "r3f-nograd", "std", "median_s", 1.40),
+    ("rxf SMART S=1 (with Bregman teacher) vs smart-pytorch S=1", "smart1", "smart-pytorch1", "median_s", 1.00),
+    ("rxf SMART S=1 without teacher vs smart-pytorch S=1", "smart1-nobregman", "smart-pytorch1", "median_s", 1.00),
+    ("rxf R3F vs fairseq-style R3F", "r3f", "fairseq-r3f", "median_s", 1.00),
+    ("R3F peak memory vs STD", "r3f", "std", "peak_bytes", 2.00),
+]
+
+
+def targets(rows: list[dict]) -> str:
+    """Markdown: each target's measured ratio, its bound and whether it holds."""
+    by_name = {r["method"]: r for r in rows}
+    lines = ["| target | measured | bound | holds |", "|---|---|---|---|"]
+    for what, num, den, quantity, bound in TARGETS:
+        if num not in by_name or (den is not None and den not in by_name):
+            lines.append(f"| {what} | not measured | {bound:.2f} | n/a |")
+            continue
+        if quantity == "time_per_flop":
+            value = by_name[num]["time_ratio"] / by_name[num]["flop_ratio"]
+        elif not by_name[num][quantity] or not by_name[den][quantity]:  # no memory reading
+            lines.append(f"| {what} | not measured | {bound:.2f} | n/a |")
+            continue
+        else:
+            value = by_name[num][quantity] / by_name[den][quantity]
+        lines.append(f"| {what} | {value:.3f} | {bound:.2f} | {'yes' if value <= bound else 'NO'} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -30,17 +66,39 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smart-steps", default="1,2", help="comma-separated S for SMART rows")
+    parser.add_argument("--freelb-steps", default="2,3", help="comma-separated K for FreeLB rows")
+    parser.add_argument("--no-peers", action="store_true", help="rxf's methods only")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated row names to time (std, the baseline, always runs): every row holds "
+                             "its own model copy and optimiser, which large models may not fit all at once")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
 
+    smart_steps = tuple(int(s) for s in args.smart_steps.split(","))
+    freelb_steps = tuple(int(k) for k in args.freelb_steps.split(","))
+    bf16 = args.dtype == "bf16"
     model = build_model(args.model, args.config).to(args.device)
     batch = random_batch(args.batch_size, args.seq_len, model.config.vocab_size, args.device)
-    rows = measure(model, batch, method_grid(r3f_variants=True), args.device, args.dtype == "bf16", args.warmup, args.repeats)
+    only = set(args.only.split(",")) | {"std"} if args.only else None
+
+    def keep(name: str) -> bool:
+        return only is None or name in only
+
+    grid = method_grid(smart_steps, freelb_steps, r3f_variants=True)
+    peers = []
+    if not args.no_peers:
+        grid.update(rxf_rows_for_peers(MethodOptions(), smart_steps))
+        peers = peer_runners(model, batch, MethodOptions(), smart_steps, bf16, args.device, keep)
+    grid = {name: options for name, options in grid.items() if keep(name)}
+    rows = measure(model, batch, grid, args.device, bf16, args.warmup, args.repeats, extra_runners=peers)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"# {args.model or args.config}, batch {args.batch_size} x {args.seq_len}, {args.dtype}, {args.device} "
           f"({name}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"median of {args.repeats} after {args.warmup} warm-up")
     print(table(rows))
+    print()
+    print(targets(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": name, "torch": torch.__version__, "rows": rows}, f, indent=2)

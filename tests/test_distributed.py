@@ -57,3 +57,69 @@ def test_one_all_reduce_per_update(runs, method):
     report = json.loads((runs / "two" / method / "run.json").read_text())
     std = json.loads((runs / "two" / "std" / "run.json").read_text())
     assert report["allreduce_calls"] == std["allreduce_calls"] >= report["updates"]
+
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_checkpoint, tmp_path_factory):
+    """examples/fsdp_loop.py in two processes (FSDP2) and in one, same global batches."""
+    out = tmp_path_factory.mktemp("fsdp")
+    script = str(ROOT / "examples" / "fsdp_loop.py")
+    common = ["--model", str(tiny_checkpoint), "--method", "std,freelb,r3f,r4f,smart", "--steps", "4"]
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534", script,
+         *common, "--batch-size", "4", "--output-dir", str(out / "two")])
+    run([sys.executable, script, *common, "--batch-size", "8", "--output-dir", str(out / "one")])
+    return out
+
+
+@pytest.mark.parametrize("method", ["std", "freelb", "r3f", "r4f", "smart"])
+def test_fsdp2_training_matches_one_process(fsdp_runs, method):
+    """Sharded with FSDP2, with the word embeddings looked up outside the forward and extra
+    passes through the sharded model, every method ends with one process's weights.
+    STD and FreeLB (init 0) are deterministic; R3F/R4F/SMART noise of scale 1e-5 moves
+    the weights by less than the looser tolerance."""
+    two = json.loads((fsdp_runs / "two" / method / "run.json").read_text())
+    assert two["world_size"] == 2 and two["sharded"]
+    a = load_file(fsdp_runs / "two" / method / "model.safetensors")
+    b = load_file(fsdp_runs / "one" / method / "model.safetensors")
+    assert a.keys() == b.keys()
+    tolerance = 1e-5 if method in ("std", "freelb") else 1e-4
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=tolerance, rtol=0)
+
+
+FSDP_REFUSALS = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForSequenceClassification
+from rxf.errors import OptionError
+from rxf.methods import EMATeacher, MethodOptions, method_loss
+dist.init_process_group("gloo")
+model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], num_labels=2)
+fully_shard(model)  # the embedding table inside the root unit
+batch = {"input_ids": torch.randint(5, 50, (2, 8)), "labels": torch.tensor([0, 1])}
+messages = []
+for attempt in (lambda: method_loss(model, batch, MethodOptions(method="r3f")),
+                lambda: EMATeacher(model, MethodOptions(method="smart"))):
+    try:
+        attempt()
+        messages.append("no error")
+    except OptionError as exc:
+        messages.append(str(exc))
+if dist.get_rank() == 0:
+    print("\\n".join(messages))
+"""
+
+
+def test_fsdp2_setups_rxf_cannot_train_are_refused_clearly(tiny_checkpoint, tmp_path):
+    """An embedding table inside the root unit would get a wrong gradient, and SMART's
+    teacher cannot copy a sharded model: both are refused with the fix named."""
+    script = tmp_path / "refusals.py"
+    script.write_text(FSDP_REFUSALS)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29535", str(script), str(tiny_checkpoint)], capture_output=True, text=True, cwd=ROOT,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    embedding, teacher = result.stdout.strip().splitlines()[-2:]
+    assert "fully_shard(model.get_input_embeddings())" in embedding
+    assert "--no-smart-bregman" in teacher

@@ -132,6 +132,25 @@ def test_cost_counts_the_paper_table_passes(tiny_checkpoint, capsys):
     assert "| smart1 | 2/2 | 6 | 3/2 (+1 teacher) | 7 |" in capsys.readouterr().out
 
 
+
+def test_step_benchmark_times_the_peers_and_counts_their_passes(tiny_checkpoint, tmp_path):
+    """The benchmark script (never a test itself) runs end to end on a tiny model; its peers
+    count the passes they run, which must be what each peer's algorithm implies."""
+    script = Path(__file__).parents[1] / "benchmarks" / "step_benchmark.py"
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(script), "--model", str(tiny_checkpoint), "--batch-size", "4",
+                           "--seq-len", "16", "--warmup", "0", "--repeats", "1", "--smart-steps", "1",
+                           "--freelb-steps", "2", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    counted = {r["method"]: (r["forward"], r["backward"]) for r in json.loads(out.read_text())["rows"]}
+    assert counted["hf-trainer"] == counted["rxf-trainer-std"] == counted["rxf-trainer-std++"] == (1, 1)
+    assert counted["fairseq-r3f"] == counted["r3f"] == counted["r3f-nograd"] == (2, 1)
+    assert counted["smart-pytorch1"] == counted["smart1-nobregman"] == (3, 2)
+    targets = {line.split(" | ")[0].strip("| "): line.split(" | ")[1] for line in done.stdout.splitlines()
+               if line.startswith("| rxf ")}
+    assert float(targets["rxf R3F vs fairseq-style R3F"]) > 0
+    assert float(targets["rxf SMART S=1 without teacher vs smart-pytorch S=1"]) > 0
+
 XNLI_FILES = {
     "sw": ("myXNLI/sw.genre.dev.tsv", 2490, "Naye akasema, Mama, niko nyumbani.", 1),
     "my": ("myXNLI/my.genre.dev.tsv", 2490, None, 1),

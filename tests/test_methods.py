@@ -332,3 +332,19 @@ def test_r3f_noised_no_grad_takes_gradient_through_the_clean_pass_only(monkeypat
     g_full, g_task = grads(model, full), grads(model, task)
     for name in ("bert.encoder.layer.0.attention.self.query.weight", "classifier.weight"):
         torch.testing.assert_close(g_full[name] - g_task[name], via_clean[name], atol=1e-6, rtol=1e-4)
+
+
+def test_fsdp1_wrapped_model_is_refused_with_the_alternatives_named():
+    """FSDP1 keeps flat, sharded parameters that rxf's lookup outside the forward cannot
+    use; the wrapper is recognised by its class name anywhere in the wrapping chain."""
+
+    class FullyShardedDataParallel(torch.nn.Module):  # stands in for torch's FSDP1 wrapper
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model = tiny_model("bert")
+    ids = toy_batch()["input_ids"]
+    assert embed(model, ids).shape[:2] == ids.shape
+    with pytest.raises(OptionError, match="FSDP2"):
+        embed(FullyShardedDataParallel(model), ids)

@@ -133,6 +133,29 @@ def test_adam_without_bias_correction_matches_formula():
     torch.testing.assert_close(p.detach(), torch.tensor([1.0, -2.0]) - 0.1 * m / (v.sqrt() + 1e-8))
 
 
+def test_adam_without_bias_correction_over_several_tensors_and_steps():
+    """The multi-tensor update equals the formula applied tensor by tensor, with decay,
+    and leaves parameters without a gradient untouched."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5)),
+              torch.nn.Parameter(torch.randn(2))]
+    expected = [p.detach().clone() for p in params]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    opt = AdamWNoBiasCorrection(params, lr=0.05, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.1)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params[:2]]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        for i, g in enumerate(grads):
+            m, v = moments[i]
+            m.mul_(0.8).add_(0.2 * g)
+            v.mul_(0.9).add_(0.1 * g * g)
+            expected[i] = expected[i] * (1 - 0.05 * 0.1) - 0.05 * m / (v.sqrt() + 1e-6)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e)
+
+
 def test_trainer_rejects_bad_options(tmp_path):
     from rxf.errors import OptionError
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rxf.errors import OptionError
+
 # Batch keys that are targets, not model inputs.
 LABEL_KEYS = ("labels",)
 
@@ -23,19 +25,59 @@ LABEL_KEYS = ("labels",)
 def unwrap(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside DDP/FSDP/DataParallel/torch.compile wrappers and
     PEFT's ``PeftModel`` (whose base model carries the injected adapter layers)."""
+    *_, inner = _wrapping_chain(model)
+    return inner
+
+
+def _wrapping_chain(model: nn.Module):
+    """``model``, the module it wraps, the module that one wraps, ... down to the model."""
     while True:
+        yield model
         if hasattr(model, "get_base_model") and callable(model.get_base_model):
             inner = model.get_base_model()
         else:
             inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module) or inner is model:
-            return model
+            return
         model = inner
 
 
 def embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Word embeddings e = E(x): (B, T) token ids -> (B, T, H)."""
-    return unwrap(model).get_input_embeddings()(input_ids)
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in _wrapping_chain(model)):
+        raise OptionError(
+            "FSDP1 (FullyShardedDataParallel) is not supported: rxf looks up the word embeddings outside the "
+            "model's forward, where FSDP1's flat parameters are sharded. Use FSDP2 (fully_shard; Accelerate's "
+            "fsdp_version 2) with the embedding table as a unit of its own, or DDP"
+        )
+    inner = unwrap(model)
+    table = inner.get_input_embeddings()
+    if _is_fsdp2(inner):
+        _prepare_fsdp2_lookup(inner, table)
+    return table(input_ids)
+
+
+def _is_fsdp2(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _prepare_fsdp2_lookup(root: nn.Module, table: nn.Module) -> None:
+    """rxf looks the word embeddings up outside the model's forward. Under FSDP2
+    (``fully_shard``) that is right only when the table is a unit of its own: its hooks
+    gather it for the lookup and reduce its gradient after the lookup's backward (inside
+    the root unit, the root would reduce before that gradient arrives). FSDP2 also makes
+    the first unit called the root, so the root is initialised before the table is called."""
+    if not _is_fsdp2(table):
+        raise OptionError(
+            "FSDP2: rxf's methods look up the word embeddings outside the model's forward, which needs the "
+            "embedding table to be an FSDP unit of its own: call fully_shard(model.get_input_embeddings()) before "
+            "sharding the layers and the model (with Accelerate/Trainer, add \"Embedding\" to the layer classes to wrap)"
+        )
+    root._get_fsdp_state()._lazy_init()  # private, but the only way; a no-op once initialised
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:

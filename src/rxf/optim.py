@@ -4,46 +4,59 @@ The original BERT/RoBERTa fine-tuning recipe ("Standard" in Aghajanyan et al. 20
 Adam without bias correction; Zhang et al. (2020, "Revisiting few-sample BERT
 fine-tuning") showed that turning it on stabilises fine-tuning, one of the two changes
 that make Standard++. ``torch.optim.AdamW`` always corrects, so rxf uses it when the
-correction is on and this small optimiser when it is off.
+correction is on and ``AdamWNoBiasCorrection`` when it is off.
 """
 
 from __future__ import annotations
 
 import torch
 
+# Adam divides by the bias corrections 1 - beta^t. From this step count on, beta^t is 0 in
+# float32 and float64 for every beta < 1 (0.999^(2^30) = e^-1073741), so the corrections
+# are exactly 1. Adding 1 per step keeps t there: float32 cannot even represent 2^30 + 1.
+_UNCORRECTED_STEP = float(2**30)
 
-class AdamWNoBiasCorrection(torch.optim.Optimizer):
+
+class AdamWNoBiasCorrection(torch.optim.AdamW):
     """Decoupled-weight-decay Adam (Loshchilov & Hutter 2019) *without* bias correction:
 
-        m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
-        p <- p - lr * wd * p - lr * m / (sqrt(v) + eps)
+        p <- p - lr * wd * p;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+        p <- p - lr * m / (sqrt(v) + eps)
+
+    ``torch.optim.AdamW`` with every parameter's step count started at 2^30, where the
+    corrections are exactly 1, so that it keeps PyTorch's single-tensor, multi-tensor and
+    fused kernels (fused by default for CUDA parameters, like the Trainer's default
+    optimiser). ``state["step"]`` therefore does not count updates. Needs beta < 1.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 fused: bool | None = None, **kwargs):
+        params = list(params)
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"AdamWNoBiasCorrection needs betas in [0, 1), got {betas}")
+        if fused is None:
+            tensors = [p for p in params if isinstance(p, torch.Tensor)] or [
+                p for group in params if isinstance(group, dict) for p in group["params"]]
+            fused = bool(tensors) and all(p.is_cuda and p.is_floating_point() for p in tensors)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None, **kwargs)
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            on_device = group["fused"] or group["capturable"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
                 state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                m.lerp_(p.grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-group["lr"])
-        return loss
+                if p.grad is None or "step" in state:
+                    continue
+                # First update of p (or state saved without a step count): start the count
+                # where the corrections vanish; AdamW then creates nothing else anew.
+                state["step"] = torch.tensor(_UNCORRECTED_STEP, dtype=torch.float32,
+                                             device=p.device if on_device else "cpu")
+                state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+                state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+                if group["amsgrad"]:
+                    state.setdefault("max_exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+        return super().step(closure)
 
 
 def adamw(params, bias_correction: bool, **kwargs) -> torch.optim.Optimizer:

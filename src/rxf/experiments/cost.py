@@ -4,9 +4,11 @@ paper's Table 1 (Aghajanyan et al. 2021) with counted passes, FLOPs, time and me
 Updates (forward, backward, optimiser step) run interleaved — every method once per
 round, after warm-up — so machine noise hits all methods alike; times are medians over
 rounds. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``. Peak memory is what
-the update allocates above what was resident before it: on CUDA from the allocator's
-statistics, on Linux CPUs from the process's resident-set high-water mark (reset through
-``/proc/self/clear_refs`` before each update).
+the update allocates above what was allocated before it, from CUDA's allocator statistics.
+CPUs have no such statistics: the process's resident set never shrinks once the first
+updates have grown it (freed memory stays with the allocator), so its high-water mark
+shows only growth beyond the largest earlier update, not an update's own peak; on CPUs
+memory is therefore not reported.
 
 Used by ``rxf cost`` and ``benchmarks/step_benchmark.py``.
 """
@@ -18,7 +20,6 @@ import copy
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -77,34 +78,21 @@ def _synchronize(device: str) -> None:
 
 
 class _PeakMemory:
-    """Memory an update allocates above what is resident before it (bytes), or None."""
+    """Memory an update allocates above what is allocated before it (bytes); None off CUDA."""
 
     def __init__(self, device: str):
-        self.device = device
-        self.cpu = not device.startswith("cuda") and Path("/proc/self/clear_refs").exists()
+        self.cuda = device.startswith("cuda")
 
     def __enter__(self):
-        if self.device.startswith("cuda"):
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self.before = torch.cuda.memory_allocated()
-        elif self.cpu:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-            self.before = _status_kib("VmRSS") * 1024
         self.peak = None
         return self
 
     def __exit__(self, *exc):
-        if self.device.startswith("cuda"):
+        if self.cuda:
             self.peak = torch.cuda.max_memory_allocated() - self.before
-        elif self.cpu:
-            self.peak = _status_kib("VmHWM") * 1024 - self.before
-
-
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
 
 
 def measure(
@@ -115,11 +103,19 @@ def measure(
     bf16: bool = False,
     warmup: int = 2,
     repeats: int = 5,
+    extra_runners: list | None = None,
 ) -> list[dict]:
     """Time, count and weigh one update of each method; the first method is the baseline
-    of every ratio. Returns one row per method."""
+    of every ratio. ``extra_runners`` (e.g. the peers in ``benchmarks/``) are timed in the
+    same rounds: anything with ``name``, ``options`` (for the paper's columns), ``logs``
+    (the passes it ran) and ``update()``. Returns one row per runner."""
     autocast = (lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     runners = [UpdateRunner(name, options, model, batch, autocast()) for name, options in methods.items()]
+    return measure_runners(runners + list(extra_runners or []), len(batch["input_ids"]), device, warmup, repeats)
+
+
+def measure_runners(runners: list, batch_size: int, device: str = "cpu", warmup: int = 2, repeats: int = 5) -> list[dict]:
+    """``measure`` for ready-made runners; the first is the baseline."""
     flops: dict[str, int] = {}
     peaks: dict[str, int | None] = {r.name: None for r in runners}
     for runner in runners:  # the first update also creates the optimiser state: not timed or weighed
@@ -158,7 +154,7 @@ def measure(
             "paper_forward_units": forward_units(paper_forward, paper_backward),
             "gflop": flops[runner.name] / 1e9, "flop_ratio": flops[runner.name] / base_flops,
             "median_s": median, "time_ratio": median / base_time,
-            "examples_per_s": len(batch["input_ids"]) / median,
+            "examples_per_s": batch_size / median,
             "peak_bytes": peak, "peak_ratio": peak / base_peak if peak and base_peak else None,
             "times": times[runner.name],
         })

@@ -77,7 +77,7 @@ def refresh_spectral_norm(model: nn.Module, iterations: int = 30) -> None:
     evaluating or saving (RXFTrainer does) so that the folded weights are 1-Lipschitz.
     """
     for _, linear in normalised_linears(model):
-        weight = linear.parametrizations.weight.original
+        weight = whole(linear.parametrizations.weight.original)
         sn = linear.parametrizations.weight[0]
         u, v = sn._u, sn._v
         for _ in range(iterations):
@@ -91,10 +91,16 @@ def refresh_spectral_norm(model: nn.Module, iterations: int = 30) -> None:
 def folded_weight(linear: nn.Linear) -> torch.Tensor:
     """W / sigma with sigma estimated from the stored power-iteration vectors, exactly as
     the parametrisation computes it in eval mode, without advancing the iteration."""
-    original = linear.parametrizations.weight.original
+    original = whole(linear.parametrizations.weight.original)
     sn = linear.parametrizations.weight[0]
     sigma = torch.vdot(sn._u, torch.mv(original, sn._v))
     return original / sigma
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor; gathering it is collective: every
+    process must call this), else ``tensor`` itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _fold_into_weight(module, state_dict, prefix, local_metadata):

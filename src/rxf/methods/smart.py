@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from rxf.divergence import output_divergence
+from rxf.errors import OptionError
 from rxf.methods.options import MethodOptions
 from rxf.methods.standard import Logs, task_loss
 from rxf.models import LABEL_KEYS, embed, forward_embeds, token_mask, unwrap
@@ -44,7 +45,14 @@ class EMATeacher:
 
     def __init__(self, model: nn.Module, options: MethodOptions):
         self.options = options
-        self.model = copy.deepcopy(unwrap(model)).eval()
+        inner = unwrap(model)
+        if any(type(p).__name__ == "DTensor" for p in inner.parameters()):
+            raise OptionError(
+                "SMART's Bregman teacher (--smart-bregman, on by default) keeps a full copy of the model, which "
+                "cannot be made of a model sharded by FSDP; turn it off (--no-smart-bregman, smart_bregman=False) "
+                "or train with DDP"
+            )
+        self.model = copy.deepcopy(inner).eval()
         self.model.requires_grad_(False)
 
     @torch.no_grad()

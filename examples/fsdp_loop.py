@@ -1,0 +1,110 @@
+"""Any rxf method on a model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``),
+in a plain PyTorch loop with the functional API; one process when not under torchrun.
+
+    torchrun --nproc_per_node 2 examples/fsdp_loop.py --method r3f --output-dir out
+    python examples/fsdp_loop.py --method r3f --output-dir out --batch-size 8
+
+The word-embedding table, each transformer layer and then the whole model become FSDP2
+units; every process keeps a shard of each. rxf looks the word embeddings up itself,
+outside the model's forward, which is why the table must be a unit of its own (rxf says so
+otherwise); extra passes (R3F, SMART, FreeLB) run through the sharded model's own forward.
+SMART's Bregman teacher, a full copy of the model, cannot be made of a sharded one: SMART
+runs here with ``smart_bregman=False``.
+
+``--batch-size`` is per process: 2 processes x 4 = one process x 8 (the same updates).
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+from rxf import MethodOptions, apply_spectral_norm, freelb_step, method_loss
+from rxf.methods.r4f import refresh_spectral_norm, whole
+from rxf.demo import DEMO_DATA, DEMO_TASK
+from rxf.tasks.loading import load_local
+from rxf.tasks.tokenize import tokenize
+
+
+def shard(model: torch.nn.Module) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model.get_input_embeddings())  # a unit of its own: rxf looks it up outside the forward
+    for layer in model.base_model.encoder.layer:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Whole tensors on every process (gathering shards is collective), R4F's head
+    folded into plain weights."""
+    refresh_spectral_norm(model)
+    return {k: whole(v).detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=None, help="model folder or hub name (default: the embedded MiniLM)")
+    parser.add_argument("--method", default="r3f", help="a method, or several separated by commas (run in turn)")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--batch-size", type=int, default=4, help="per process")
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    if args.model is None:
+        from rxf.defaults import default_model_path
+
+        args.model = default_model_path()
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data = tokenize(load_local(DEMO_TASK, DEMO_DATA)["train"], tokenizer, max_length=32)
+    # Every process reads the same global batches in the same order and keeps its slice.
+    loader = DataLoader(data, batch_size=args.batch_size * world, collate_fn=DataCollatorWithPadding(tokenizer))
+    for method in args.method.split(","):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            args.model, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).to(device)
+        options = MethodOptions(method=method, smart_bregman=False)
+        if method == "r4f":
+            apply_spectral_norm(model, options.r4f_scope)  # before sharding: the parametrisation is sharded with it
+        if distributed:
+            shard(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.train()
+        losses = []
+        for step, batch in zip(range(args.steps), loader):
+            batch = {k: v[rank * args.batch_size:(rank + 1) * args.batch_size].to(device) for k, v in batch.items()}
+            if method == "freelb":
+                loss, logs = freelb_step(model, batch, options)
+            else:
+                loss, logs = method_loss(model, batch, options)
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(logs["task_loss"]))
+        state = full_state_dict(model)
+        if rank == 0:
+            out = Path(args.output_dir) / method
+            out.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(out / "model.safetensors"))
+            sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+            (out / "run.json").write_text(json.dumps({"losses": losses, "world_size": world, "sharded": sharded}))
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
