@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from rxf import MethodOptions, apply_spectral_norm, freelb_step, method_loss
-from rxf.methods.r4f import refresh_spectral_norm, whole
+from rxf.methods.r4f import refresh_spectral_norm
+from rxf.models import is_shard, whole
 from rxf.demo import DEMO_DATA, DEMO_TASK
 from rxf.tasks.loading import load_local
 from rxf.tasks.tokenize import tokenize
@@ -100,7 +101,7 @@ def main() -> None:
             out = Path(args.output_dir) / method
             out.mkdir(parents=True, exist_ok=True)
             save_file(state, str(out / "model.safetensors"))
-            sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+            sharded = any(is_shard(p) for p in model.parameters())
             (out / "run.json").write_text(json.dumps({"losses": losses, "world_size": world, "sharded": sharded}))
     if distributed:
         dist.destroy_process_group()

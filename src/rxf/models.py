@@ -44,17 +44,29 @@ def _wrapping_chain(model: nn.Module):
 
 def embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Word embeddings e = E(x): (B, T) token ids -> (B, T, H)."""
-    if any(type(m).__name__ == "FullyShardedDataParallel" for m in _wrapping_chain(model)):
+    chain = list(_wrapping_chain(model))
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in chain):
         raise OptionError(
             "FSDP1 (FullyShardedDataParallel) is not supported: rxf looks up the word embeddings outside the "
             "model's forward, where FSDP1's flat parameters are sharded. Use FSDP2 (fully_shard; Accelerate's "
             "fsdp_version 2) with the embedding table as a unit of its own, or DDP"
         )
-    inner = unwrap(model)
+    inner = chain[-1]
     table = inner.get_input_embeddings()
     if _is_fsdp2(inner):
         _prepare_fsdp2_lookup(inner, table)
     return table(input_ids)
+
+
+def is_shard(tensor: torch.Tensor) -> bool:
+    """True for an FSDP2 parameter (a DTensor holding this process's shard)."""
+    return hasattr(tensor, "full_tensor")
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (gathering it is collective: every process
+    must call this), else ``tensor`` itself."""
+    return tensor.full_tensor() if is_shard(tensor) else tensor
 
 
 def _is_fsdp2(module: nn.Module) -> bool:

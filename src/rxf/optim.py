@@ -39,24 +39,39 @@ class AdamWNoBiasCorrection(torch.optim.AdamW):
                 p for group in params if isinstance(group, dict) for p in group["params"]]
             fused = bool(tensors) and all(p.is_cuda and p.is_floating_point() for p in tensors)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None, **kwargs)
+        self._all_started = False
 
     @torch.no_grad()
     def step(self, closure=None):
+        if not self._all_started:
+            self._all_started = self._start_counts()
+        return super().step(closure)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._all_started = False  # a state saved without step counts is started at the next step
+
+    def _start_counts(self) -> bool:
+        """Give every parameter with a gradient and no step count its count, where the
+        corrections vanish (AdamW then creates nothing else anew); True when no parameter
+        is left without one, so that later steps skip this loop."""
+        complete = True
         for group in self.param_groups:
             on_device = group["fused"] or group["capturable"]
             for p in group["params"]:
                 state = self.state[p]
-                if p.grad is None or "step" in state:
+                if "step" in state:
                     continue
-                # First update of p (or state saved without a step count): start the count
-                # where the corrections vanish; AdamW then creates nothing else anew.
+                if p.grad is None:
+                    complete = False
+                    continue
                 state["step"] = torch.tensor(_UNCORRECTED_STEP, dtype=torch.float32,
                                              device=p.device if on_device else "cpu")
                 state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
                 state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
                 if group["amsgrad"]:
                     state.setdefault("max_exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
-        return super().step(closure)
+        return complete
 
 
 def adamw(params, bias_correction: bool, **kwargs) -> torch.optim.Optimizer:

@@ -21,6 +21,7 @@ def method_loss(model, batch, options: MethodOptions, teacher: EMATeacher | None
         raise ValueError("method_loss: FreeLB is a training step; call freelb_step")
     return standard_loss(model, batch)
 
+
 __all__ = [
     "METHODS",
     "MethodOptions",

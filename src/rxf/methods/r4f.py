@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 from rxf.errors import OptionError
-from rxf.models import classification_head, unwrap
+from rxf.models import classification_head, unwrap, whole
 
 _ORIGINAL = "parametrizations.weight.original"
 _U = "parametrizations.weight.0._u"
@@ -95,12 +95,6 @@ def folded_weight(linear: nn.Linear) -> torch.Tensor:
     sn = linear.parametrizations.weight[0]
     sigma = torch.vdot(sn._u, torch.mv(original, sn._v))
     return original / sigma
-
-
-def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP2 shard (a DTensor; gathering it is collective: every
-    process must call this), else ``tensor`` itself."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _fold_into_weight(module, state_dict, prefix, local_metadata):

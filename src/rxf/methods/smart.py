@@ -32,7 +32,7 @@ from rxf.divergence import output_divergence
 from rxf.errors import OptionError
 from rxf.methods.options import MethodOptions
 from rxf.methods.standard import Logs, task_loss
-from rxf.models import LABEL_KEYS, embed, forward_embeds, token_mask, unwrap
+from rxf.models import LABEL_KEYS, embed, forward_embeds, is_shard, token_mask, unwrap
 
 
 class EMATeacher:
@@ -46,7 +46,7 @@ class EMATeacher:
     def __init__(self, model: nn.Module, options: MethodOptions):
         self.options = options
         inner = unwrap(model)
-        if any(type(p).__name__ == "DTensor" for p in inner.parameters()):
+        if any(is_shard(p) for p in inner.parameters()):
             raise OptionError(
                 "SMART's Bregman teacher (--smart-bregman, on by default) keeps a full copy of the model, which "
                 "cannot be made of a model sharded by FSDP; turn it off (--no-smart-bregman, smart_bregman=False) "
