@@ -13,6 +13,11 @@
   the embeddings' device, the noised pass on a detached copy, two separate passes, and
   the loss read back to the host every update for logging.
 
+Not peers but parts: ``forward-nograd`` runs only the noised pass of ``r3f-nograd`` (one
+training-mode forward without autograd, dropout on), so that ``r3f-nograd - std`` can be
+set against what that pass alone costs; ``forward-nograd-nodropout`` is the same pass in
+eval mode, which shows what drawing the dropout masks costs (work FLOP counts leave out).
+
 Every runner counts the passes it runs (a forward pre-hook on the model; backward calls as
 they happen), so the table's "counted" columns are measured for peers too.
 """
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 
 from rxf.methods import MethodOptions
 from rxf.models import forward_embeds
+from rxf.noise import sample_noise
 
 
 class _CountingRunner:
@@ -147,6 +153,27 @@ class FairseqR3FRunner(_CountingRunner):
         return 1
 
 
+class NoGradForwardRunner(_CountingRunner):
+    """The gradient-free noised pass of R3F's fixed-target variant, alone: noise on the
+    looked-up embeddings and one training-mode forward under ``torch.no_grad``; with
+    ``dropout=False`` the same pass in eval mode."""
+
+    paper_passes = (1, 0)
+
+    def __init__(self, name: str, model: torch.nn.Module, batch: dict, options: MethodOptions, autocast,
+                 dropout: bool = True):
+        super().__init__(name, options, model, batch)
+        self.autocast = autocast
+        self.model.train(dropout)
+
+    def _step(self) -> int:
+        with torch.no_grad(), self.autocast:
+            embeds = self.model.get_input_embeddings()(self.batch["input_ids"])
+            forward_embeds(self.model, embeds + sample_noise(embeds, self.options.noise_type, self.options.noise_eps),
+                           self.batch)
+        return 0
+
+
 def rxf_rows_for_peers(base: MethodOptions, smart_steps: tuple[int, ...]) -> dict[str, MethodOptions]:
     """rxf's SMART without its Bregman teacher: the same work as ``smart-pytorch``."""
     return {f"smart{s}-nobregman": dataclasses.replace(base, method="smart", smart_steps=s, smart_bregman=False)
@@ -167,6 +194,11 @@ def peer_runners(model: torch.nn.Module, batch: dict, base: MethodOptions, smart
         "rxf-trainer-std++": lambda: TrainerRunner("rxf-trainer-std++", model, batch, "std++", bf16),
         "fairseq-r3f": lambda: FairseqR3FRunner("fairseq-r3f", model, batch, dataclasses.replace(base, method="r3f"),
                                                 autocast()),
+        "forward-nograd": lambda: NoGradForwardRunner("forward-nograd", model, batch,
+                                                      dataclasses.replace(base, method="r3f"), autocast()),
+        "forward-nograd-nodropout": lambda: NoGradForwardRunner("forward-nograd-nodropout", model, batch,
+                                                                dataclasses.replace(base, method="r3f"), autocast(),
+                                                                dropout=False),
     }
     try:
         import smart_pytorch  # noqa: F401

@@ -56,6 +56,21 @@ def targets(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def nograd_pass_share(rows: list[dict]) -> str | None:
+    """What ``r3f-nograd`` adds to STD, against its gradient-free pass timed alone: near 1
+    means the variant wastes nothing beyond that pass."""
+    by_name = {r["method"]: r["median_s"] for r in rows}
+    if not {"std", "r3f-nograd", "forward-nograd"} <= by_name.keys():
+        return None
+    added, alone = by_name["r3f-nograd"] - by_name["std"], by_name["forward-nograd"]
+    line = (f"r3f-nograd - std = {added:.3f} s; its gradient-free training-mode pass alone (forward-nograd) = "
+            f"{alone:.3f} s ({alone / by_name['std']:.2f} x STD); added / alone = {added / alone:.2f}")
+    if "forward-nograd-nodropout" in by_name:
+        masks = alone - by_name["forward-nograd-nodropout"]
+        line += f"; of that pass, drawing the dropout masks = {masks:.3f} s ({masks / by_name['std']:.2f} x STD)"
+    return line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=["minilm", "bert-base", "bert-large"], default="minilm")
@@ -99,6 +114,9 @@ def main() -> None:
     print(table(rows))
     print()
     print(targets(rows))
+    if share := nograd_pass_share(rows):
+        print()
+        print(share)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": name, "torch": torch.__version__, "rows": rows}, f, indent=2)

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
+import torch
 
 from rxf.cli import main
 from rxf.demo import DEMO_DATA
-from rxf.experiments.cost import measure, method_grid, random_batch
+from rxf.experiments.cost import measure, measure_runners, method_grid, random_batch
 from rxf.experiments.xnli import read_language_file
+from rxf.methods import MethodOptions
 
 TINY_RUN = ["--batch-size", "16", "--max-length", "48", "--learning-rate", "1e-3", "--epochs", "1", "--no-progress"]
 
@@ -133,6 +135,29 @@ def test_cost_counts_the_paper_table_passes(tiny_checkpoint, capsys):
 
 
 
+def test_measure_runners_shuffles_the_order_of_every_round():
+    """No runner always runs first or after the same neighbour: each round has its own order."""
+    calls = []
+
+    class Runner:
+        options, logs = MethodOptions(method="std"), {"forward_passes": 1, "backward_passes": 1}
+
+        def __init__(self, name):
+            self.name = name
+
+        def update(self):
+            torch.ones(2, 2) @ torch.ones(2, 2)  # some FLOPs to count
+            calls.append(self.name)
+
+    names = ["a", "b", "c", "d"]
+    rows = measure_runners([Runner(n) for n in names], batch_size=1, warmup=1, repeats=8)
+    rounds = [tuple(calls[i:i + 4]) for i in range(0, len(calls), 4)]
+    assert len(rounds) == 10 and all(sorted(r) == names for r in rounds)
+    assert len(set(rounds[2:])) > 1  # the timed rounds are not all in one order
+    assert len({r[0] for r in rounds[2:]}) > 1  # nor with the same one first
+    assert [r["method"] for r in rows] == names and all(len(r["times"]) == 8 for r in rows)
+
+
 def test_step_benchmark_times_the_peers_and_counts_their_passes(tiny_checkpoint, tmp_path):
     """The benchmark script (never a test itself) runs end to end on a tiny model; its peers
     count the passes they run, which must be what each peer's algorithm implies."""
@@ -146,6 +171,9 @@ def test_step_benchmark_times_the_peers_and_counts_their_passes(tiny_checkpoint,
     assert counted["hf-trainer"] == counted["rxf-trainer-std"] == counted["rxf-trainer-std++"] == (1, 1)
     assert counted["fairseq-r3f"] == counted["r3f"] == counted["r3f-nograd"] == (2, 1)
     assert counted["smart-pytorch1"] == counted["smart1-nobregman"] == (3, 2)
+    assert counted["forward-nograd"] == counted["forward-nograd-nodropout"] == (1, 0)
+    assert "its gradient-free training-mode pass alone (forward-nograd)" in done.stdout
+    assert "drawing the dropout masks" in done.stdout
     targets = {line.split(" | ")[0].strip("| "): line.split(" | ")[1] for line in done.stdout.splitlines()
                if line.startswith("| rxf ")}
     assert float(targets["rxf R3F vs fairseq-style R3F"]) > 0

@@ -2,8 +2,10 @@
 paper's Table 1 (Aghajanyan et al. 2021) with counted passes, FLOPs, time and memory.
 
 Updates (forward, backward, optimiser step) run interleaved — every method once per
-round, after warm-up — so machine noise hits all methods alike; times are medians over
-rounds. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``. Peak memory is what
+round, after warm-up, in a fresh (seeded) random order each round — so machine noise hits
+all methods alike and no method always runs in the same place or after the same
+neighbour (on a noisy 2-core CPU a fixed order showed up as a few percent between methods
+of equal cost); times are medians over rounds. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``. Peak memory is what
 the update allocates above what was allocated before it, from CUDA's allocator statistics.
 CPUs have no such statistics: the process's resident set never shrinks once the first
 updates have grown it (freed memory stays with the allocator), so its high-water mark
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -114,20 +117,23 @@ def measure(
     return measure_runners(runners + list(extra_runners or []), len(batch["input_ids"]), device, warmup, repeats)
 
 
-def measure_runners(runners: list, batch_size: int, device: str = "cpu", warmup: int = 2, repeats: int = 5) -> list[dict]:
-    """``measure`` for ready-made runners; the first is the baseline."""
+def measure_runners(runners: list, batch_size: int, device: str = "cpu", warmup: int = 2, repeats: int = 5,
+                    seed: int = 0) -> list[dict]:
+    """``measure`` for ready-made runners; the first is the baseline. A runner may carry
+    ``paper_passes`` (forward, backward) where its options' method does not say them."""
     flops: dict[str, int] = {}
+    order = random.Random(seed)
     peaks: dict[str, int | None] = {r.name: None for r in runners}
     for runner in runners:  # the first update also creates the optimiser state: not timed or weighed
         with FlopCounterMode(display=False) as counter:
             runner.update()
         flops[runner.name] = counter.get_total_flops()
     for _ in range(warmup):
-        for runner in runners:
+        for runner in order.sample(runners, len(runners)):
             runner.update()
     times: dict[str, list[float]] = {r.name: [] for r in runners}
     for _ in range(repeats):
-        for runner in runners:
+        for runner in order.sample(runners, len(runners)):
             with _PeakMemory(device) as memory:
                 _synchronize(device)
                 start = time.perf_counter()
@@ -142,7 +148,8 @@ def measure_runners(runners: list, batch_size: int, device: str = "cpu", warmup:
     rows = []
     for runner in runners:
         forward, backward = int(runner.logs["forward_passes"]), int(runner.logs["backward_passes"])
-        paper_forward, paper_backward = PAPER_PASSES[runner.options.method](runner.options)
+        paper_forward, paper_backward = (getattr(runner, "paper_passes", None)
+                                          or PAPER_PASSES[runner.options.method](runner.options))
         median = statistics.median(times[runner.name])
         peak, base_peak = peaks[runner.name], peaks[base]
         rows.append({
