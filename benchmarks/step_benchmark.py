@@ -4,11 +4,13 @@ and against what users would run instead (``peers.py``).
 A front to ``rxf.experiments.cost`` (also behind ``rxf cost``): methods and peers
 interleaved in one process after warm-up, medians over repetitions, ratios to STD, counted
 passes, FLOPs and peak memory; then the performance targets, each computed from rows of
-this one run. Never run as a test.
+this one run with a bootstrap interval over its rounds (a noisy machine's spread can be
+wider than a bound's margin). Never run as a test.
 
     python benchmarks/step_benchmark.py                      # embedded MiniLM, CPU, 32 x 128
     python benchmarks/step_benchmark.py --config bert-base   # random-init BERT-base size
     python benchmarks/step_benchmark.py --config bert-large --device cuda --dtype bf16
+    python benchmarks/step_benchmark.py --from-json rows.json  # reprint a saved run
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
+import statistics
 
 import torch
 
@@ -37,22 +41,41 @@ TARGETS = [
 ]
 
 
+def ratio_interval(num: list[float], den: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of median(num) / median(den), resampling whole rounds (the
+    i-th times of both ran in the same round), so that a noisy machine's spread shows."""
+    rng = random.Random(seed)
+    rounds = range(len(num))
+    ratios = sorted(
+        statistics.median(num[i] for i in pick) / statistics.median(den[i] for i in pick)
+        for pick in ([rng.choice(rounds) for _ in rounds] for _ in range(resamples))
+    )
+    return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
+
+
 def targets(rows: list[dict]) -> str:
-    """Markdown: each target's measured ratio, its bound and whether it holds."""
+    """Markdown: each target's measured ratio, its 95% interval over rounds, its bound and
+    whether it holds: "yes" or "no" where the whole interval is on one side of the bound,
+    "within noise" where the interval spans it."""
     by_name = {r["method"]: r for r in rows}
-    lines = ["| target | measured | bound | holds |", "|---|---|---|---|"]
+    lines = ["| target | measured | 95% interval | bound | holds |", "|---|---|---|---|---|"]
     for what, num, den, quantity, bound in TARGETS:
-        if num not in by_name or (den is not None and den not in by_name):
-            lines.append(f"| {what} | not measured | {bound:.2f} | n/a |")
-            continue
         if quantity == "time_per_flop":
-            value = by_name[num]["time_ratio"] / by_name[num]["flop_ratio"]
-        elif not by_name[num][quantity] or not by_name[den][quantity]:  # no memory reading
-            lines.append(f"| {what} | not measured | {bound:.2f} | n/a |")
+            den = "std"
+        if num not in by_name or den not in by_name or (quantity == "peak_bytes" and not (
+                by_name[num][quantity] and by_name[den][quantity])):  # no memory reading off CUDA
+            lines.append(f"| {what} | not measured | | {bound:.2f} | n/a |")
             continue
-        else:
+        if quantity == "peak_bytes":
             value = by_name[num][quantity] / by_name[den][quantity]
-        lines.append(f"| {what} | {value:.3f} | {bound:.2f} | {'yes' if value <= bound else 'NO'} |")
+            lines.append(f"| {what} | {value:.3f} | | {bound:.2f} | {'yes' if value <= bound else 'no'} |")
+            continue
+        # A time ratio; R3F's is set against its FLOP ratio.
+        scale = 1 / by_name[num]["flop_ratio"] if quantity == "time_per_flop" else 1.0
+        value = by_name[num]["median_s"] / by_name[den]["median_s"] * scale
+        lo, hi = (x * scale for x in ratio_interval(by_name[num]["times"], by_name[den]["times"]))
+        verdict = "yes" if hi <= bound else "no" if lo > bound else "within noise"
+        lines.append(f"| {what} | {value:.3f} | {lo:.3f}–{hi:.3f} | {bound:.2f} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -88,7 +111,13 @@ def main() -> None:
                         help="comma-separated row names to time (std, the baseline, always runs): every row holds "
                              "its own model copy and optimiser, which large models may not fit all at once")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--from-json", default=None, help="print the tables of an earlier --json file; time nothing")
     args = parser.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        report(argparse.Namespace(**saved["args"]), saved["device"], saved["torch"], saved["threads"], saved["rows"])
+        return
 
     smart_steps = tuple(int(s) for s in args.smart_steps.split(","))
     freelb_steps = tuple(int(k) for k in args.freelb_steps.split(","))
@@ -107,19 +136,24 @@ def main() -> None:
         peers = peer_runners(model, batch, MethodOptions(), smart_steps, bf16, args.device, keep)
     grid = {name: options for name, options in grid.items() if keep(name)}
     rows = measure(model, batch, grid, args.device, bf16, args.warmup, args.repeats, extra_runners=peers)
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    if args.json:  # written first: the rows are the expensive part
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": device, "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+    report(args, device, torch.__version__, torch.get_num_threads(), rows)
+
+
+def report(args: argparse.Namespace, device: str, torch_version: str, threads: int, rows: list[dict]) -> None:
+    """Print the cost table, the targets and the gradient-free pass's share."""
     print(f"# {args.model or args.config}, batch {args.batch_size} x {args.seq_len}, {args.dtype}, {args.device} "
-          f"({name}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"median of {args.repeats} after {args.warmup} warm-up")
+          f"({device}), torch {torch_version}, {threads} threads; median of {args.repeats} after {args.warmup} warm-up")
     print(table(rows))
     print()
     print(targets(rows))
     if share := nograd_pass_share(rows):
         print()
         print(share)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": name, "torch": torch.__version__, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

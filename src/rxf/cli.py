@@ -196,7 +196,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     rows = measure(model, batch, grid, args.device, args.bf16, args.warmup, args.repeats)
     print(f"# {args.model or args.config}, batch {args.batch_size} x {args.seq_len}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {args.device}, torch {torch.__version__}; "
-          f"median of {args.repeats} interleaved updates after {args.warmup} warm-up; ratios to std")
+          f"median of {args.repeats} interleaved (shuffled) updates after {args.warmup} warm-up; ratios to std")
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -12,7 +12,6 @@ runs, so evaluation costs what Standard's does.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -41,14 +40,23 @@ def r3f_loss(
         ``(loss, logs)``: the scalar loss to back-propagate once, and detached terms
         (``task_loss``, ``regularizer``) with the passes this call ran.
 
-    ``r3f_noised_no_grad`` makes the noised pass a fixed target (no gradient through it);
-    ``r3f_concat_batch`` runs both inputs as one batch of 2B.
+    ``r3f_noised_no_grad`` makes the noised pass a fixed target (no gradient through it),
+    run before the clean pass; ``r3f_concat_batch`` runs both inputs as one batch of 2B.
     """
     embeds = embed(model, batch["input_ids"])  # (B, T, H)
     noisy = model.training
     base = embeds.detach() if options.r3f_detach_embeddings else embeds
     concat = embeds.is_cuda if options.r3f_concat_batch is None else options.r3f_concat_batch
     concat = concat and not options.r3f_noised_no_grad
+    target = None
+    if noisy and options.r3f_noised_no_grad:
+        # The fixed target runs first, so that no activations are held during it and the
+        # backward follows the clean pass that saved them (measured faster on a CPU; see
+        # docs/performance.md). The extra pass runs on the module inside any DDP wrapper:
+        # DDP allows one forward per backward.
+        with torch.no_grad():
+            target = forward_embeds(unwrap(model), base + sample_noise(embeds, options.noise_type, options.noise_eps),
+                                    batch)
     if noisy and concat:
         # One pass over the (2B, T, H) stack of clean and noised embeddings.
         noise = sample_noise(embeds, options.noise_type, options.noise_eps)
@@ -61,14 +69,13 @@ def r3f_loss(
     if not noisy:
         return loss, logs
 
-    if not concat:
-        # Reuse the looked-up embeddings rather than a second table lookup. The extra pass
-        # runs on the module inside any DDP wrapper: DDP allows one forward per backward,
-        # and its gradient hooks sit on the parameters, so both passes' gradients are
-        # still all-reduced together, once.
-        noise = sample_noise(embeds, options.noise_type, options.noise_eps)
-        with torch.no_grad() if options.r3f_noised_no_grad else contextlib.nullcontext():
-            noised = forward_embeds(unwrap(model), base + noise, batch)
+    if target is not None:
+        noised = target
+    elif not concat:
+        # Reuse the looked-up embeddings rather than a second table lookup. As above, the
+        # extra pass runs inside any DDP wrapper; its gradient hooks sit on the parameters,
+        # so both passes' gradients are still all-reduced together, once.
+        noised = forward_embeds(unwrap(model), base + sample_noise(embeds, options.noise_type, options.noise_eps), batch)
     regularizer = output_divergence(clean, noised)
     # Passes over a batch of B: the 2B stack counts as two.
     logs.update(regularizer=regularizer.detach(), forward_passes=2)
