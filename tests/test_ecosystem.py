@@ -112,3 +112,29 @@ def test_two_sweep_workers_share_one_budget(tiny_checkpoint, glue_like, tmp_path
     assert not study.get_trials(states=(TrialState.RUNNING,))
     best = [json.loads((out / f"w{i}" / "best_configs.json").read_text()) for i in range(2)]
     assert any(b["sst2"]["r3f"]["trials"] == 4 for b in best)
+
+
+def test_open_study_retries_when_another_worker_is_creating_the_schema(tmp_path, monkeypatch):
+    """Two workers on a new database race to create Optuna's schema; the loser's error
+    (here raised once, as CI saw it) must turn into a retry that loads the study."""
+    import optuna
+    import sqlalchemy.exc
+
+    from rxf.experiments import sweep
+
+    real, calls = optuna.create_study, []
+
+    def racing(**kwargs):
+        calls.append(kwargs["study_name"])
+        if len(calls) == 1:
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
+        return real(**kwargs)
+
+    monkeypatch.setattr(optuna, "create_study", racing)
+    monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
+    study = sweep.open_study("sst2-r3f", f"sqlite:///{tmp_path / 'shared.db'}")
+    assert calls == ["sst2-r3f", "sst2-r3f"] and study.study_name == "sst2-r3f"
+    monkeypatch.setattr(optuna, "create_study", lambda **kw: (_ for _ in ()).throw(
+        sqlalchemy.exc.OperationalError("CREATE TABLE", {}, Exception("database is locked"))))
+    with pytest.raises(sqlalchemy.exc.OperationalError):  # a lasting failure still surfaces
+        sweep.open_study("sst2-r3f", f"sqlite:///{tmp_path / 'shared.db'}", attempts=2)

@@ -96,6 +96,24 @@ def _config_dir(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def open_study(name: str, storage: str, seed: int = 0, attempts: int = 5):
+    """Create the study, or load it where another worker already has. Workers started
+    together on a new database race to create its schema, which Optuna's RDB storage does
+    not guard: the loser gets an IntegrityError (or SQLite's "database is locked"). Once
+    the winner is done the schema exists, so a retry after a short wait just loads."""
+    import optuna
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            return optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                                       sampler=optuna.samplers.TPESampler(seed=seed))
+        except sqlalchemy.exc.SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
 def sweep_method(
     out: Path, task: str, method: str, budget: int, base: FinetuneSpec, options: MethodOptions,
     storage: str, space: dict[str, list], seed: int = 0,
@@ -106,10 +124,7 @@ def sweep_method(
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=f"{task}-{method}", storage=storage, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed),
-    )
+    study = open_study(f"{task}-{method}", storage, seed)
     _recover_stale(study)
     distributions = {name: CategoricalDistribution(choices) for name, choices in space.items()}
     counted = (TrialState.COMPLETE, TrialState.RUNNING)
