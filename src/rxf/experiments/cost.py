@@ -5,8 +5,9 @@ Updates (forward, backward, optimiser step) run interleaved — every method onc
 round, after warm-up, in a fresh (seeded) random order each round — so machine noise hits
 all methods alike and no method always runs in the same place or after the same
 neighbour (on a noisy 2-core CPU a fixed order showed up as a few percent between methods
-of equal cost); times are medians over rounds. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``. Peak memory is what
-the update allocates above what was allocated before it, from CUDA's allocator statistics.
+of equal cost); times are medians over rounds. FLOPs come from
+``torch.utils.flop_counter.FlopCounterMode``. Peak memory is what the update allocates
+above what was allocated before it, from CUDA's allocator statistics.
 CPUs have no such statistics: the process's resident set never shrinks once the first
 updates have grown it (freed memory stays with the allocator), so its high-water mark
 shows only growth beyond the largest earlier update, not an update's own peak; on CPUs

@@ -48,15 +48,20 @@ def r3f_loss(
     base = embeds.detach() if options.r3f_detach_embeddings else embeds
     concat = embeds.is_cuda if options.r3f_concat_batch is None else options.r3f_concat_batch
     concat = concat and not options.r3f_noised_no_grad
-    target = None
+
+    def noised_pass() -> torch.Tensor:
+        # Reuses the looked-up embeddings rather than a second table lookup. The extra pass
+        # runs on the module inside any DDP wrapper: DDP allows one forward per backward, and
+        # its gradient hooks sit on the parameters, so both passes' gradients are still
+        # all-reduced together, once.
+        return forward_embeds(unwrap(model), base + sample_noise(embeds, options.noise_type, options.noise_eps), batch)
+
+    noised = None
     if noisy and options.r3f_noised_no_grad:
         # The fixed target runs first, so that no activations are held during it and the
-        # backward follows the clean pass that saved them (measured faster on a CPU; see
-        # docs/performance.md). The extra pass runs on the module inside any DDP wrapper:
-        # DDP allows one forward per backward.
+        # backward follows the clean pass that saved them (see docs/performance.md).
         with torch.no_grad():
-            target = forward_embeds(unwrap(model), base + sample_noise(embeds, options.noise_type, options.noise_eps),
-                                    batch)
+            noised = noised_pass()
     if noisy and concat:
         # One pass over the (2B, T, H) stack of clean and noised embeddings.
         noise = sample_noise(embeds, options.noise_type, options.noise_eps)
@@ -69,13 +74,8 @@ def r3f_loss(
     if not noisy:
         return loss, logs
 
-    if target is not None:
-        noised = target
-    elif not concat:
-        # Reuse the looked-up embeddings rather than a second table lookup. As above, the
-        # extra pass runs inside any DDP wrapper; its gradient hooks sit on the parameters,
-        # so both passes' gradients are still all-reduced together, once.
-        noised = forward_embeds(unwrap(model), base + sample_noise(embeds, options.noise_type, options.noise_eps), batch)
+    if noised is None:
+        noised = noised_pass()
     regularizer = output_divergence(clean, noised)
     # Passes over a batch of B: the 2B stack counts as two.
     logs.update(regularizer=regularizer.detach(), forward_passes=2)
