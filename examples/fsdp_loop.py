@@ -25,8 +25,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from rxf import MethodOptions, apply_spectral_norm, freelb_step, method_loss
-from rxf.methods.r4f import refresh_spectral_norm
+from rxf import MethodOptions, build_method
 from rxf.models import is_shard, whole
 from rxf.demo import DEMO_DATA, DEMO_TASK
 from rxf.tasks.loading import load_local
@@ -36,16 +35,15 @@ from rxf.tasks.tokenize import tokenize
 def shard(model: torch.nn.Module) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    fully_shard(model.get_input_embeddings())  # a unit of its own: rxf looks it up outside the forward
     for layer in model.base_model.encoder.layer:
         fully_shard(layer)
     fully_shard(model)
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: torch.nn.Module, method) -> dict[str, torch.Tensor]:
     """Whole tensors on every process (gathering shards is collective), R4F's head
     folded into plain weights."""
-    refresh_spectral_norm(model)
+    method.before_eval(model)  # R4F: settle sigma before folding it in
     return {k: whole(v).detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
@@ -79,8 +77,8 @@ def main() -> None:
         model = AutoModelForSequenceClassification.from_pretrained(
             args.model, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).to(device)
         options = MethodOptions(method=method, smart_bregman=False)
-        if method == "r4f":
-            apply_spectral_norm(model, options.r4f_scope)  # before sharding: the parametrisation is sharded with it
+        lifecycle = build_method(options, model)
+        lifecycle.setup(model)  # before sharding: R4F's parametrisation is sharded with the head
         if distributed:
             shard(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -88,15 +86,12 @@ def main() -> None:
         losses = []
         for step, batch in zip(range(args.steps), loader):
             batch = {k: v[rank * args.batch_size:(rank + 1) * args.batch_size].to(device) for k, v in batch.items()}
-            if method == "freelb":
-                loss, logs = freelb_step(model, batch, options)
-            else:
-                loss, logs = method_loss(model, batch, options)
-                loss.backward()
+            _, logs = lifecycle.step(model, batch)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            lifecycle.after_step(model, step + 1, args.steps)
             losses.append(float(logs["task_loss"]))
-        state = full_state_dict(model)
+        state = full_state_dict(model, lifecycle)
         if rank == 0:
             out = Path(args.output_dir) / method
             out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from rxf import EMATeacher, MethodOptions, apply_spectral_norm, freelb_step, method_loss
+from rxf import MethodOptions, build_method
 from rxf.demo import DEMO_DATA, DEMO_TASK
 from rxf.optim import adamw
 from rxf.tasks.loading import load_local
@@ -31,9 +31,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
     options = MethodOptions(method=args.method)
-    if options.method == "r4f":
-        apply_spectral_norm(model, options.r4f_scope)
-    teacher = EMATeacher(model, options) if options.method == "smart" else None
+    method = build_method(options, model)
+    method.setup(model)  # R4F normalises the head here, before the optimiser holds the weights
     optimizer = adamw(model.parameters(), bias_correction=options.resolved_bias_correction(), lr=1e-4)
 
     data = tokenize(load_local(DEMO_TASK, DEMO_DATA)["train"], tokenizer, max_length=32)
@@ -43,15 +42,10 @@ def main() -> None:
     while step < args.steps:
         for batch in loader:
             optimizer.zero_grad()
-            if options.method == "freelb":  # runs its own K backward calls
-                loss, logs = freelb_step(model, batch, options)
-            else:  # r3f_loss, smart_loss or standard_loss, as options.method says
-                loss, logs = method_loss(model, batch, options, teacher)
-                loss.backward()
+            loss, logs = method.step(model, batch)  # the loss and its backward (FreeLB: K of each)
             optimizer.step()
-            if teacher is not None:
-                teacher.update(model, step, args.steps)
             step += 1
+            method.after_step(model, step, args.steps)  # SMART moves its teacher
             if step % 10 == 0 or step == args.steps:
                 extra = f", regularizer {float(logs['regularizer']):.2e}" if "regularizer" in logs else ""
                 print(f"step {step}: task loss {float(logs['task_loss']):.4f}{extra}")

@@ -13,7 +13,18 @@ from rxf.divergence import symmetric_kl
 from rxf.errors import OptionError
 from rxf.methods.r4f import normalised_linears, refresh_spectral_norm
 from rxf.methods.smart import EMATeacher, find_perturbation
-from rxf.models import embed, forward_embeds
+from rxf.models import extra_pass_model
+
+
+# The reference path of these formulas: the word embeddings looked up by hand and fed to
+# the model as inputs_embeds — the same function as the model's own for BERT with right
+# padding (tests/test_perturbation_path.py checks rxf's path against the model's own).
+def embed(model, input_ids):
+    return model.get_input_embeddings()(input_ids)
+
+
+def forward_embeds(model, embeds, batch):
+    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
 
 
 def grads(model, loss):
@@ -146,7 +157,7 @@ def test_smart_perturbation_stays_in_ball_and_off_padding(norm):
                             smart_noise_var=1.0, smart_norm=norm)
     e = embed(model, batch["input_ids"]).detach()
     clean = forward_embeds(model, e, batch).detach()
-    delta = find_perturbation(model, e, clean, batch, options)
+    delta = find_perturbation(model, clean, batch, options)
     if norm == "inf":
         assert delta.abs().max().item() <= 0.05 + 1e-7
     else:
@@ -213,14 +224,19 @@ def test_freelb_accumulates_the_mean_of_k_step_gradients():
 def test_freelb_never_perturbs_padding(monkeypatch):
     import rxf.methods.freelb as freelb_module
 
-    seen = []
-    original = freelb_module.forward_embeds
-    monkeypatch.setattr(freelb_module, "forward_embeds", lambda m, e, b: seen.append(e.detach()) or original(m, e, b))
     model = tiny_model().train()
+    # What reaches the model: the input of the embeddings' LayerNorm is e + delta + the
+    # position and type embeddings; subtracting the clean sum leaves delta.
+    seen = []
+    model.bert.embeddings.LayerNorm.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     batch = toy_batch()
     options = MethodOptions(method="freelb", freelb_steps=3, freelb_init_mag=1.0, freelb_step_size=1.0)
     freelb_step(model, batch, options)
-    clean = embed(model, batch["input_ids"]).detach()
+    seen.clear()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    clean = seen.pop()
+    freelb_step(model, batch, options)
     pad = batch["attention_mask"] == 0
     assert len(seen) == 3
     for perturbed in seen:
@@ -344,7 +360,6 @@ def test_fsdp1_wrapped_model_is_refused_with_the_alternatives_named():
             self.module = module
 
     model = tiny_model("bert")
-    ids = toy_batch()["input_ids"]
-    assert embed(model, ids).shape[:2] == ids.shape
+    assert extra_pass_model(model) is model
     with pytest.raises(OptionError, match="FSDP2"):
-        embed(FullyShardedDataParallel(model), ids)
+        extra_pass_model(FullyShardedDataParallel(model))

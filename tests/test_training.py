@@ -6,10 +6,8 @@ import torch
 from conftest import ARCHITECTURES, tiny_model, toy_batch
 from transformers import default_data_collator
 
-from rxf import METHODS, MethodOptions, RXFConfig, RXFTrainer, apply_spectral_norm, freelb_step
-from rxf.methods import method_loss
+from rxf import METHODS, MethodOptions, RXFConfig, RXFTrainer, build_method
 from rxf.methods.r4f import normalised_linears
-from rxf.methods.smart import EMATeacher
 from rxf.optim import AdamWNoBiasCorrection, adamw
 
 # Strong enough to move every parameter in a few steps, small enough to stay stable.
@@ -39,23 +37,17 @@ def assert_all_changed(model, before):
 
 def functional_train(model, method, steps=12):
     options = MethodOptions(method=method, **OPTIONS)
-    if method == "r4f":
-        apply_spectral_norm(model)
-    teacher = EMATeacher(model, options) if method == "smart" else None
+    lifecycle = build_method(options, model)
+    lifecycle.setup(model)
     optimizer = adamw(model.parameters(), bias_correction=options.resolved_bias_correction(), lr=5e-3)
     batch = toy_batch(batch_size=16)
     losses = []
     model.train()
     for step in range(steps):
         optimizer.zero_grad()
-        if method == "freelb":
-            loss, logs = freelb_step(model, batch, options)
-        else:
-            loss, logs = method_loss(model, batch, options, teacher)
-            loss.backward()
+        _, logs = lifecycle.step(model, batch)
         optimizer.step()
-        if teacher is not None:
-            teacher.update(model, step + 1, steps)
+        lifecycle.after_step(model, step + 1, steps)
         losses.append(float(logs["task_loss"]))
     return losses
 

@@ -57,7 +57,13 @@ def add_run_options(parser: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--gradient-accumulation-steps", type=int, default=defaults.gradient_accumulation_steps,
                    help="batches accumulated per update (default: %(default)s)")
     g.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per example (default: %(default)s)")
-    g.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio, help="linear warm-up fraction (default: %(default)s)")
+    g.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio,
+                   help="linear warm-up over this fraction of all updates, in [0, 1] (default: %(default)s)")
+    g.add_argument("--max-nonfinite-updates", type=int, default=defaults.max_nonfinite_updates,
+                   help="stop after this many consecutive updates skipped for a non-finite loss or gradient "
+                   "(default: %(default)s)")
+    g.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep checkpoints/ (with the optimiser state) after the run has finished")
     g.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--eval-steps", type=int, default=None,
                    help="evaluate and checkpoint every N updates (default: every epoch)")
@@ -106,6 +112,7 @@ def spec_from(args: argparse.Namespace, task: str, output_dir: str):
         gradient_accumulation_steps=args.gradient_accumulation_steps, max_length=args.max_length,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
         eval_steps=args.eval_steps, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+        max_nonfinite_updates=args.max_nonfinite_updates, keep_checkpoints=args.keep_checkpoints,
         precision=args.precision, report_to=args.report_to, trust_remote_code=args.trust_remote_code,
         progress=not args.no_progress, overwrite=getattr(args, "overwrite", False),
         max_target_length=args.max_target_length, min_target_length=args.min_target_length,
@@ -358,9 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """No weight-loading or shard-writing bars from transformers: the command's own
+    output (one training bar, results, one-line errors) is what the user reads."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         return args.func(args)
     except RXFError as exc:

@@ -11,3 +11,8 @@ class OptionError(RXFError):
 
 class DataError(RXFError):
     """A data file is missing or malformed; the message names the file and line."""
+
+
+class TrainingDiverged(RXFError):
+    """Training produced non-finite losses or gradients for too many consecutive updates,
+    or no evaluation produced a finite score: nothing is kept as a result."""

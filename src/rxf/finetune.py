@@ -3,15 +3,23 @@
 representation experiments call it once per run.
 
 Output folder:
-    checkpoints/checkpoint-N/   Trainer checkpoints (resumed from when rerun)
+    run.json                    the options and data that define the run, written first
+    checkpoints/checkpoint-N/   Trainer checkpoints (resumed from when rerun); removed once
+                                the run has finished, unless ``keep_checkpoints``
     best/                       the best checkpoint (safetensors; plain from_pretrained)
     results.json                written last and atomically: its presence means done
+
+A rerun of the same run resumes it (or returns its results when it has finished); a
+rerun that differs in any defining option or in its data is refused, naming what
+differs, unless ``overwrite`` starts it again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -21,13 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-from rxf.errors import OptionError
+from rxf.errors import OptionError, TrainingDiverged
+from rxf.jsonio import write_json_atomic
 from rxf.methods.options import MethodOptions
 from rxf.models import classification_head
 from rxf.tasks.glue import ClassificationTask, get_task
 from rxf.tasks.loading import Examples, load_hub, load_local, parse_column_map
 
 RESULTS = "results.json"
+RUN_RECORD = "run.json"
+# Spec fields that change where or how a run reports, not what it computes.
+NOT_DEFINING = ("output_dir", "overwrite", "progress", "report_to", "eval_batch_size", "save_total_limit",
+                "keep_checkpoints")
 
 
 @dataclass
@@ -52,8 +65,9 @@ class FinetuneSpec:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     eval_steps: int | None = None  # None: evaluate (and checkpoint) every epoch
-    warmup_ratio: float = 0.06
+    warmup_ratio: float = 0.06  # a fraction of all updates, in [0, 1]
     weight_decay: float = 0.1
+    max_nonfinite_updates: int = 5  # consecutive skipped updates before the run stops
     precision: str = "fp32"
     report_to: str = "none"
     save_total_limit: int = 2
@@ -66,6 +80,7 @@ class FinetuneSpec:
     no_repeat_ngram_size: int = 3
     overwrite: bool = False
     progress: bool = True
+    keep_checkpoints: bool = False  # keep checkpoints/ after the run has finished
 
 
 def load_task_data(spec: FinetuneSpec, task: ClassificationTask | None = None) -> dict[str, Examples]:
@@ -87,8 +102,13 @@ def load_task_data(spec: FinetuneSpec, task: ClassificationTask | None = None) -
 
 def validate_spec(spec: FinetuneSpec) -> None:
     """Raise OptionError naming the first training option rxf cannot use."""
-    positive = {"--batch-size": spec.batch_size, "--max-length": spec.max_length,
-                "--gradient-accumulation-steps": spec.gradient_accumulation_steps}
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OptionError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+    positive = {"--batch-size": spec.batch_size, "--eval-batch-size": spec.eval_batch_size,
+                "--max-length": spec.max_length, "--gradient-accumulation-steps": spec.gradient_accumulation_steps,
+                "--max-nonfinite-updates": spec.max_nonfinite_updates}
     for flag, value in positive.items():
         if value < 1:
             raise OptionError(f"{flag} must be >= 1, got {value}")
@@ -96,12 +116,95 @@ def validate_spec(spec: FinetuneSpec) -> None:
                         "--eval-steps": spec.eval_steps}.items():
         if value is not None and value < 1:
             raise OptionError(f"{flag} must be >= 1, got {value}")
+    if spec.seed < 0:
+        raise OptionError(f"--seed must be >= 0, got {spec.seed}")
     if spec.epochs <= 0 and spec.max_steps <= 0:
         raise OptionError("--epochs must be > 0 (or set --max-steps)")
     if spec.learning_rate <= 0:
         raise OptionError(f"--learning-rate must be > 0, got {spec.learning_rate}")
+    if not 0 <= spec.warmup_ratio <= 1:
+        raise OptionError(f"--warmup-ratio must lie in [0, 1], got {spec.warmup_ratio}")
+    if spec.weight_decay < 0:
+        raise OptionError(f"--weight-decay must be >= 0, got {spec.weight_decay}")
     if spec.precision not in ("fp32", "bf16", "fp16"):
         raise OptionError(f"--precision must be fp32, bf16 or fp16, got {spec.precision!r}")
+    out = Path(spec.output_dir)
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--output-dir: {out} exists and is not a folder")
+
+
+def data_fingerprint(splits: dict) -> dict[str, str]:
+    """A digest of each split's content (texts and labels, or sources and targets)."""
+    digests = {}
+    for name, split in splits.items():
+        fields = {k: v for k, v in dataclasses.asdict(split).items() if k != "source"}
+        digests[name] = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return digests
+
+
+def run_record(spec: FinetuneSpec, options: MethodOptions, model_path: str, splits: dict) -> dict:
+    """What defines a run: its options (all but where and how it reports), the model and
+    the content of its data."""
+    defining = {k: v for k, v in dataclasses.asdict(spec).items() if k not in NOT_DEFINING}
+    return {"spec": defining | {"model": str(model_path)}, "options": dataclasses.asdict(options),
+            "data": data_fingerprint(splits)}
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    found = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key} ({a!r} there, {b!r} now)")
+    return found
+
+
+def check_run_folder(out: Path, record: dict, overwrite: bool) -> dict | None:
+    """Whether ``out`` may hold this run: returns the finished run's results when it is
+    this run and has finished, ``None`` when it can be started or resumed; raises
+    OptionError when the folder holds another run (or something else) and not
+    ``overwrite``."""
+    if overwrite or not out.is_dir() or not any(out.iterdir()):
+        return None
+    record_path = out / RUN_RECORD
+    if not record_path.is_file():
+        raise OptionError(f"--output-dir: {out} is not empty and holds no {RUN_RECORD} (not an rxf run of this "
+                          "version): choose another folder, or pass --overwrite to replace its content")
+    old = json.loads(record_path.read_text())
+    differs = _differences(old, json.loads(json.dumps(record)))
+    if differs:
+        raise OptionError(f"--output-dir: {out} holds another run, which differs in "
+                          f"{'; '.join(differs[:6])}{' ...' if len(differs) > 6 else ''}: choose another folder, "
+                          "or pass --overwrite to start again")
+    results = out / RESULTS
+    return json.loads(results.read_text()) if results.is_file() else None
+
+
+def open_run_folder(out: Path, record: dict, overwrite: bool) -> None:
+    """Create (or, with ``overwrite``, empty) the run folder, write ``run.json`` and
+    remove what a kill during the last save left behind."""
+    try:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / RUN_RECORD, record)
+    except OSError as exc:
+        raise OptionError(f"--output-dir: cannot write to {out} ({exc.strerror or exc})") from None
+    for leftover in {*out.glob(".best.tmp*"), *out.glob("best/.tmp*"), *out.glob("*.tmp[0-9]*")}:
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def load_model(loader, model_path: str, spec: FinetuneSpec, **kwargs):
+    """``loader.from_pretrained`` with a one-line error naming ``--model`` when the folder
+    or its weights cannot be read (missing, corrupt or truncated files)."""
+    try:
+        return loader.from_pretrained(model_path, trust_remote_code=spec.trust_remote_code, **kwargs)
+    except Exception as exc:  # OSError, ValueError, safetensors' and torch's errors alike
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OptionError(f"--model: cannot load {model_path} ({reason})") from None
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
@@ -123,52 +226,47 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
 def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: ClassificationTask | None = None) -> dict:
     """Fine-tune, keep the best checkpoint, write and return ``results.json``'s content.
 
-    A finished run (``results.json`` present) is returned as is unless
-    ``spec.overwrite``; an interrupted one resumes from its last complete checkpoint.
-    Every input is checked before anything is written. ``task`` overrides the GLUE
-    task named by ``spec.task`` (the demo uses its own).
+    A finished run is returned as is; an interrupted one resumes from its last complete
+    checkpoint; a folder holding a different run is refused (``spec.overwrite`` starts
+    again). Every input — options, data, model — is checked before anything is written.
+    ``task`` overrides the GLUE task named by ``spec.task`` (the demo uses its own).
     """
     validate_spec(spec)
     options.validate()
     task = task or get_task(spec.task)
     out = Path(spec.output_dir)
-    results_path = out / RESULTS
-    if results_path.is_file() and not spec.overwrite:
-        return json.loads(results_path.read_text())
-
     splits = load_task_data(spec, task)
     model_path = spec.model
     if model_path is None:
         from rxf.defaults import default_model_path
 
         model_path = default_model_path()
+    record = run_record(spec, options, model_path, splits)
+    finished = check_run_folder(out, record, spec.overwrite)
+    if finished is not None:
+        return finished
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
 
     from rxf.tasks.tokenize import tokenize
     from rxf.trainer import RXFConfig, RXFTrainer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise OptionError(f"--model: cannot load a tokenizer from {model_path!r} ({exc})") from None
-    datasets = {name: tokenize(examples, tokenizer, spec.max_length) for name, examples in splits.items()}
-
-    if spec.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_model(AutoTokenizer, model_path, spec)
     set_seed(spec.seed)
     label_names = task.label_names or task.labels or ()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path,
+    labels = {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
+    model = load_model(
+        AutoModelForSequenceClassification, model_path, spec,
         num_labels=task.num_labels,
         problem_type="regression" if task.is_regression else "single_label_classification",
-        id2label=dict(enumerate(label_names)) if label_names else None,
-        label2id={name: i for i, name in enumerate(label_names)} if label_names else None,
+        # A regression head has one output and no label names (an id2label of None
+        # would override num_labels).
+        **(labels if label_names else {}),
         # A checkpoint fine-tuned on another task (a chain stage) has a head of another size.
         ignore_mismatched_sizes=True,
-        trust_remote_code=spec.trust_remote_code,
     )
+    open_run_folder(out, record, spec.overwrite)
+    datasets = {name: tokenize(examples, tokenizer, spec.max_length) for name, examples in splits.items()}
 
     if spec.fresh_head:
         # A chain stage keeps the previous stage's encoder but learns its task with a new head.
@@ -214,7 +312,8 @@ def training_arguments(config_cls, spec: FinetuneSpec, options: MethodOptions, o
         per_device_train_batch_size=spec.batch_size,
         per_device_eval_batch_size=spec.eval_batch_size,
         gradient_accumulation_steps=spec.gradient_accumulation_steps,
-        warmup_steps=spec.warmup_ratio,  # a float in [0, 1) is a ratio of all updates
+        warmup_ratio=spec.warmup_ratio,
+        max_nonfinite_updates=spec.max_nonfinite_updates,
         weight_decay=spec.weight_decay,
         eval_strategy=strategy,
         save_strategy=strategy,
@@ -249,12 +348,15 @@ def train_and_report(trainer, spec: FinetuneSpec, options: MethodOptions, task_n
     if resume is not None:
         print(f"rxf: resuming from {resume}", file=sys.stderr)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    trainer.save_model(str(out / "best"))
 
     history = trainer.state.log_history
     evals = [e for e in history if any(k.startswith("eval_") for k in e)]
     best_step = trainer.state.best_global_step
-    best = next((e for e in evals if e["step"] == best_step), evals[-1])
+    best = next((e for e in evals if e["step"] == best_step), None)
+    if best is None:
+        raise TrainingDiverged(f"{out}: no evaluation produced a finite {dev_names[0]} {main_metric} from a model "
+                               "with finite weights; nothing is kept as the best checkpoint")
+    save_best(trainer, out)
     results = {
         "task": task_name,
         "method": options.method,
@@ -268,6 +370,7 @@ def train_and_report(trainer, spec: FinetuneSpec, options: MethodOptions, task_n
         "seconds_to_best": best_checkpoint_seconds(history, best["step"]),
         "train_seconds": max((e["train_seconds"] for e in history if "train_seconds" in e), default=None),
         "updates": trainer.state.global_step,
+        "skipped_updates": trainer.skipped_updates,
         "passes_per_update": trainer.passes,
         "history": [{k: v for k, v in e.items()} for e in evals],
         "spec": dataclasses.asdict(spec),
@@ -278,9 +381,30 @@ def train_and_report(trainer, spec: FinetuneSpec, options: MethodOptions, task_n
         },
         "hardware": _hardware(torch),
     }
-    if write and trainer.is_world_process_zero():
-        write_json_atomic(out / RESULTS, results)
+    if write:
+        finish_run(trainer, spec, results)
     return results
+
+
+def save_best(trainer, out: Path) -> None:
+    """Save the best model (loaded at the end of training) as ``best/``, atomically: it
+    is written beside and renamed into place, so a kill never leaves half a model there."""
+    tmp = out / f".best.tmp{os.getpid()}"
+    trainer.save_model(str(tmp))
+    if trainer.is_world_process_zero():
+        shutil.rmtree(out / "best", ignore_errors=True)
+        os.replace(tmp, out / "best")
+
+
+def finish_run(trainer, spec: FinetuneSpec, results: dict) -> None:
+    """Write ``results.json`` (its presence marks the run finished), then drop the
+    checkpoints, which only a resume needs, unless ``spec.keep_checkpoints``."""
+    if not trainer.is_world_process_zero():
+        return
+    out = Path(spec.output_dir)
+    write_json_atomic(out / RESULTS, results)
+    if not spec.keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
 
 
 def _split_metrics(entry: dict, dev_names: list[str]) -> dict[str, dict[str, float]]:
@@ -308,11 +432,3 @@ def _hardware(torch) -> dict:
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary file and rename it over ``path``: readers never see a
-    half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)

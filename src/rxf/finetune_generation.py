@@ -7,13 +7,15 @@ The same folder layout and resume behaviour as ``rxf.finetune``.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from rxf.errors import OptionError
-from rxf.finetune import RESULTS, FinetuneSpec, train_and_report, validate_spec, training_arguments, write_json_atomic
+from rxf.finetune import (
+    FinetuneSpec, check_run_folder, finish_run, load_model, open_run_folder, run_record, train_and_report,
+    training_arguments, validate_spec,
+)
 from rxf.methods.generation import check_generation_method
 from rxf.methods.options import MethodOptions
 from rxf.tasks.loading import parse_column_map
@@ -35,8 +37,6 @@ def run_generation(spec: FinetuneSpec, options: MethodOptions, task: Summarizati
     options.validate()
     check_generation_method(options.method)
     out = Path(spec.output_dir)
-    if (out / RESULTS).is_file() and not spec.overwrite:
-        return json.loads((out / RESULTS).read_text())
     splits = load_summarization(task, spec.data_dir, parse_column_map(spec.columns), spec.train_file, spec.dev_file,
                                 spec.trust_remote_code)
     splits = {name: pairs.head(spec.max_train_samples if name == "train" else spec.max_eval_samples)
@@ -49,12 +49,14 @@ def run_generation(spec: FinetuneSpec, options: MethodOptions, task: Summarizati
 
     from rxf.trainer import RXFSeq2SeqConfig, RXFSeq2SeqTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
-    if spec.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    record = run_record(spec, options, spec.model, splits)
+    finished = check_run_folder(out, record, spec.overwrite)
+    if finished is not None:
+        return finished
+    tokenizer = load_model(AutoTokenizer, spec.model, spec)
     set_seed(spec.seed)
-    model = AutoModelForSeq2SeqLM.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+    model = load_model(AutoModelForSeq2SeqLM, spec.model, spec)
+    open_run_folder(out, record, spec.overwrite)
     model.generation_config.no_repeat_ngram_size = spec.no_repeat_ngram_size
     model.generation_config.min_length = spec.min_target_length
     datasets = {name: _tokenize(pairs, tokenizer, spec) for name, pairs in splits.items()}
@@ -87,6 +89,5 @@ def run_generation(spec: FinetuneSpec, options: MethodOptions, task: Summarizati
         tmp.replace(out / "predictions.jsonl")
     results["rouge"] = rouge(generated, splits["dev"].targets)
     results["generated"] = generated
-    if trainer.is_world_process_zero():
-        write_json_atomic(out / RESULTS, results)
+    finish_run(trainer, spec, results)
     return results

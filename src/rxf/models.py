@@ -1,22 +1,24 @@
-"""The one place that knows how to reach a Hugging Face model's word embeddings and how
-to call it with ``inputs_embeds``.
+"""The one place that knows model kinds and how a perturbation reaches a model.
 
-Every method perturbs e = E(x), the output of ``model.get_input_embeddings()`` — the
-plain word-embedding lookup, before the model adds position/type embeddings, applies
-LayerNorm and dropout. Feeding the *full* embedding module's output back as
-``inputs_embeds`` (as some SMART implementations do) would add position embeddings and
-LayerNorm twice.
+Every method perturbs e = E(x), the output of the model's word-embedding module
+(``get_input_embeddings()``; for an encoder-decoder, the encoder's or the decoder's): the
+plain lookup, before the model adds position/type embeddings, scales, applies LayerNorm
+and dropout. The perturbation enters *inside* the model's own forward, through a forward
+hook on that module that replaces its output e by e + z while a perturbed pass runs (this
+is how transformers applies NEFTune). The model is always called with its ordinary
+inputs, so whatever its embedding step does besides the lookup — PEGASUS's and Marian's
+sqrt(d) scale applied only to looked-up ids, RoBERTa's padding-aware position ids, FSDP2's
+gathering of a sharded table — runs exactly as in evaluation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-
-from rxf.errors import OptionError
 
 # Batch keys that are targets, not model inputs.
 LABEL_KEYS = ("labels",)
@@ -25,37 +27,14 @@ LABEL_KEYS = ("labels",)
 def unwrap(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside DDP/FSDP/DataParallel/torch.compile wrappers and
     PEFT's ``PeftModel`` (whose base model carries the injected adapter layers)."""
-    *_, inner = _wrapping_chain(model)
-    return inner
-
-
-def _wrapping_chain(model: nn.Module):
-    """``model``, the module it wraps, the module that one wraps, ... down to the model."""
     while True:
-        yield model
         if hasattr(model, "get_base_model") and callable(model.get_base_model):
             inner = model.get_base_model()
         else:
             inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module) or inner is model:
-            return
+            return model
         model = inner
-
-
-def embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Word embeddings e = E(x): (B, T) token ids -> (B, T, H)."""
-    chain = list(_wrapping_chain(model))
-    if any(type(m).__name__ == "FullyShardedDataParallel" for m in chain):
-        raise OptionError(
-            "FSDP1 (FullyShardedDataParallel) is not supported: rxf looks up the word embeddings outside the "
-            "model's forward, where FSDP1's flat parameters are sharded. Use FSDP2 (fully_shard; Accelerate's "
-            "fsdp_version 2) with the embedding table as a unit of its own, or DDP"
-        )
-    inner = chain[-1]
-    table = inner.get_input_embeddings()
-    if _is_fsdp2(inner):
-        _prepare_fsdp2_lookup(inner, table)
-    return table(input_ids)
 
 
 def is_shard(tensor: torch.Tensor) -> bool:
@@ -69,47 +48,37 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if is_shard(tensor) else tensor
 
 
-def _is_fsdp2(module: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        return False
-    return isinstance(module, FSDPModule)
+def extra_pass_model(model: nn.Module) -> nn.Module:
+    """The module a method runs its extra forward passes on: the model inside a DDP
+    wrapper (DDP allows one forward per backward; its gradient hooks sit on the
+    parameters, so the extra passes' gradients are still all-reduced with the main
+    pass's, once per update), the model itself otherwise (FSDP2 shards in place, so its
+    own hooks gather each unit for every pass). FSDP1 is refused: the module inside it
+    holds flat, sharded parameters that only its wrapper's forward gathers."""
+    if type(model).__name__ == "FullyShardedDataParallel":
+        from rxf.errors import OptionError
 
-
-def _prepare_fsdp2_lookup(root: nn.Module, table: nn.Module) -> None:
-    """rxf looks the word embeddings up outside the model's forward. Under FSDP2
-    (``fully_shard``) that is right only when the table is a unit of its own: its hooks
-    gather it for the lookup and reduce its gradient after the lookup's backward (inside
-    the root unit, the root would reduce before that gradient arrives). FSDP2 also makes
-    the first unit called the root, so the root is initialised before the table is called."""
-    if not _is_fsdp2(table):
         raise OptionError(
-            "FSDP2: rxf's methods look up the word embeddings outside the model's forward, which needs the "
-            "embedding table to be an FSDP unit of its own: call fully_shard(model.get_input_embeddings()) before "
-            "sharding the layers and the model (with Accelerate/Trainer, add \"Embedding\" to the layer classes to wrap)"
+            "FSDP1 (FullyShardedDataParallel) is not supported: a method's extra passes cannot run inside its "
+            "wrapper; use FSDP2 (fully_shard; Accelerate's fsdp_version 2) or DDP"
         )
-    root._get_fsdp_state()._lazy_init()  # private, but the only way; a no-op once initialised
+    inner = getattr(model, "module", None)
+    return inner if type(model).__name__ in ("DistributedDataParallel", "DataParallel") and inner is not None else model
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch without its token ids and labels: what goes beside ``inputs_embeds``."""
-    return {k: v for k, v in batch.items() if k != "input_ids" and k not in LABEL_KEYS}
+    """The batch without its targets: what the model is called with."""
+    return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
 
 
-def forward_embeds(model: nn.Module, embeds: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """Run ``model`` on (B, T, H) ``embeds`` with the batch's other inputs (attention
-    mask, token type ids, ...) and return its logits, e.g. (B, C)."""
-    return model(inputs_embeds=embeds, **model_inputs(batch)).logits
+def logits_of(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The model's logits on the batch's ordinary inputs, e.g. (B, C) or (B, T, V)."""
+    return model(**model_inputs(batch)).logits
 
 
-def token_mask(batch: dict[str, Any], embeds: torch.Tensor) -> torch.Tensor:
-    """(B, T, 1) float mask that is 1 on real tokens and 0 on padding, so that
-    perturbations never touch padding."""
-    mask = batch.get("attention_mask")
-    if mask is None:
-        return torch.ones(embeds.shape[:2] + (1,), dtype=embeds.dtype, device=embeds.device)
-    return mask.unsqueeze(-1).to(embeds.dtype)
+def is_seq2seq(model: nn.Module) -> bool:
+    """True for encoder-decoder models (BART, T5, PEGASUS, Marian, mBART)."""
+    return bool(getattr(unwrap(model).config, "is_encoder_decoder", False))
 
 
 @functools.cache
@@ -128,6 +97,84 @@ def is_generation_model(model: nn.Module) -> bool:
     """True for encoder-decoder and decoder-only language models (their logits are
     (B, T, V) over a vocabulary), False for sequence classifiers."""
     return type(unwrap(model)).__name__ in _generation_class_names()
+
+
+def with_decoder_inputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """A seq2seq batch with ``decoder_input_ids`` made from its labels when absent (the
+    labels shifted right, as the model itself would make them)."""
+    if "decoder_input_ids" in batch or "decoder_inputs_embeds" in batch:
+        return batch
+    return {**batch, "decoder_input_ids": unwrap(model).prepare_decoder_input_ids_from_labels(labels=batch["labels"])}
+
+
+def embedding_module(model: nn.Module, target: str = "encoder") -> nn.Module:
+    """The word-embedding module whose output a perturbation replaces: the encoder's
+    (``target="encoder"``) or the decoder's (``"decoder"``) for an encoder-decoder model,
+    the model's only one otherwise. For BART in transformers 5, ``get_input_embeddings()``
+    is a tied table that the forward never calls, so each stack's own module is used."""
+    inner = unwrap(model)
+    if is_seq2seq(inner):
+        stack = inner.get_encoder() if target == "encoder" else inner.get_decoder()
+        return stack.get_input_embeddings()
+    return inner.get_input_embeddings()
+
+
+@contextlib.contextmanager
+def perturbed_embeddings(
+    model: nn.Module, perturb: Callable[[torch.Tensor], torch.Tensor], target: str = "encoder"
+) -> Iterator[None]:
+    """Inside the block, every call of the model's word-embedding module returns
+    ``perturb(e)`` instead of its output e, (B, T, H) -> (B, T, H).
+
+    A block in which the module was never called raises: a perturbation that silently
+    reaches nothing (a model that bypasses its embedding module) would turn every method
+    into Standard fine-tuning without a word."""
+    module = embedding_module(model, target)
+    calls = 0
+
+    def hook(_module, _args, output):
+        nonlocal calls
+        calls += 1
+        return perturb(output)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+    if calls == 0:
+        raise RuntimeError(
+            f"the perturbation never reached {type(unwrap(model)).__name__}: its word-embedding module "
+            f"{type(module).__name__} was not called during the perturbed pass"
+        )
+
+
+def token_mask(batch: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
+    """(B, T, 1) mask in ``like``'s dtype: 1 on real tokens, 0 on padding, so that
+    perturbations never touch padding."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return torch.ones(like.shape[:2] + (1,), dtype=like.dtype, device=like.device)
+    return mask.unsqueeze(-1).to(like.dtype)
+
+
+_warned_eval_mode: set[str] = set()
+
+
+def warn_if_eval_mode(model: nn.Module, method: str) -> None:
+    """``from_pretrained`` returns a model in eval mode, where a regulariser's extra passes
+    (which run only in training) are skipped: in a user's own loop that silently turns the
+    method into Standard fine-tuning. Warn once per method when gradients are on."""
+    if model.training or not torch.is_grad_enabled() or method in _warned_eval_mode:
+        return
+    _warned_eval_mode.add(method)
+    import warnings
+
+    warnings.warn(
+        f"rxf {method}: the model is in eval mode, so only the clean pass runs and no regulariser is added; "
+        "call model.train() before training (from_pretrained returns a model in eval mode)",
+        stacklevel=3,
+    )
 
 
 def classification_head(model: nn.Module) -> list[tuple[str, nn.Module]]:

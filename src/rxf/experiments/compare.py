@@ -66,7 +66,8 @@ def run_compare(
     for i, (spec, opts) in enumerate(planned, start=1):
         done = (Path(spec.output_dir) / RESULTS).is_file()
         print(f"rxf compare [{i}/{len(planned)}] {spec.task} {opts.method} seed {spec.seed}: "
-              f"{'finished, skipped' if done else 'running'}", flush=True)
-        if not done:
-            run_finetune(spec, opts)
+              f"{'finished, checking it is this run' if done else 'running'}", flush=True)
+        # Always through run_finetune: a finished folder is returned only if it holds this
+        # very run (same options and data), never a stale one.
+        run_finetune(spec, opts)
     return write_report(Path(out) / "runs", out)

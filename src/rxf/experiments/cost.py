@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rxf.methods import EMATeacher, MethodOptions, apply_spectral_norm, freelb_step, method_loss
+from rxf.methods import MethodOptions, build_method
 
 # Paper's Table 1: (forward, backward) per update, S = ascent steps.
 PAPER_PASSES = {
@@ -55,25 +55,16 @@ class UpdateRunner:
 
     def __post_init__(self):
         self.model = copy.deepcopy(self.model).train()
-        if self.options.method == "r4f":
-            apply_spectral_norm(self.model, self.options.r4f_scope)
-        self.teacher = (
-            EMATeacher(self.model, self.options) if self.options.method == "smart" and self.options.smart_bregman else None
-        )
+        self.method = build_method(self.options, self.model)
+        self.method.setup(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
 
     def update(self) -> None:
-        method = self.options.method
         with self.autocast:
-            if method == "freelb":
-                _, self.logs = freelb_step(self.model, self.batch, self.options)
-            else:
-                loss, self.logs = method_loss(self.model, self.batch, self.options, self.teacher)
-                loss.backward()
+            _, self.logs = self.method.step(self.model, self.batch)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.teacher is not None:
-            self.teacher.update(self.model, 1, 10)
+        self.method.after_step(self.model, 1, 10)
 
 
 def _synchronize(device: str) -> None:

@@ -17,7 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from rxf.errors import DataError
-from rxf.finetune import RESULTS, write_json_atomic
+from rxf.finetune import RESULTS
+from rxf.jsonio import write_json_atomic
 
 METHOD_ORDER = ("std", "std++", "r3f", "r4f", "smart", "freelb")
 

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from rxf.errors import DataError, OptionError
-from rxf.finetune import FinetuneSpec, run_finetune, write_json_atomic
+from rxf.finetune import FinetuneSpec, run_finetune
+from rxf.jsonio import write_json_atomic
 from rxf.methods.options import MethodOptions
 from rxf.tasks.glue import ClassificationTask, get_task
 from rxf.tasks.loading import Examples, examples_from_file

@@ -20,9 +20,10 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import nn
 
+from rxf.methods.base import Logs, Method
 from rxf.methods.options import MethodOptions
-from rxf.methods.standard import Logs, standard_loss, task_loss
-from rxf.models import embed, forward_embeds, token_mask
+from rxf.methods.standard import standard_loss, task_loss
+from rxf.models import logits_of, perturbed_embeddings, token_mask
 
 
 def initial_perturbation(embeds: torch.Tensor, mask: torch.Tensor, options: MethodOptions) -> torch.Tensor:
@@ -84,27 +85,30 @@ def freelb_step(
         return loss.detach(), logs
 
     steps = options.freelb_steps
-    input_ids = batch["input_ids"]
-    embeds = embed(model, input_ids)
-    mask = token_mask(batch, embeds).float()
-    delta = initial_perturbation(embeds, mask, options)
-    total = torch.zeros((), device=embeds.device)
+    delta = mask = None
+
+    def perturb(e: torch.Tensor) -> torch.Tensor:
+        nonlocal delta, mask
+        if delta is None:  # made on the first call, with the embeddings' shape
+            mask = token_mask(batch, e).float()
+            delta = initial_perturbation(e, mask, options).requires_grad_(True)
+        return e + delta.to(e.dtype)
+
+    total = torch.zeros((), device=batch["input_ids"].device)
     first = None
     for k in range(steps):
-        delta.requires_grad_(True)
         # DDP decides at forward time whether the next backward all-reduces, so the
         # forward as well as the backward of the first K-1 steps run under no_sync.
         sync = no_sync() if (no_sync is not None and k < steps - 1) else contextlib.nullcontext()
         with sync:
-            if k > 0:  # a fresh lookup: the previous step's graph was freed by backward
-                embeds = embed(model, input_ids)
-            logits = forward_embeds(model, embeds + delta.to(embeds.dtype), batch)
+            with perturbed_embeddings(model, perturb):
+                logits = logits_of(model, batch)
             loss = task_loss(logits, batch["labels"]) / steps
             backward(loss)
         total = total + loss.detach()
         first = loss.detach() * steps if first is None else first
         if k < steps - 1:
-            delta = _ascend(delta.detach(), delta.grad, mask, options)
+            delta = _ascend(delta.detach(), delta.grad, mask, options).requires_grad_(True)
     logs: Logs = {
         "task_loss": first,
         "adversarial_loss": total,
@@ -112,3 +116,12 @@ def freelb_step(
         "backward_passes": steps,
     }
     return total, logs
+
+
+class FreeLB(Method):
+    """FreeLB's life cycle: a training step of K forward and backward passes."""
+
+    runs_own_backward = True
+
+    def step(self, model, batch, backward=torch.Tensor.backward, update=None, no_sync=None):
+        return freelb_step(model, batch, self.options, backward, update, no_sync)

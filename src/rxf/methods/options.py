@@ -125,6 +125,12 @@ class MethodOptions:
 
     def validate(self) -> None:
         """Raise OptionError naming the first bad option."""
+        import math
+
+        for f in fields(MethodOptions):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+                raise OptionError(f"{_flag(f.name)} must be a finite number, got {value}")
         _choice("method", self.method, METHODS)
         _choice("noise_type", self.noise_type, NOISE_TYPES)
         _choice("r4f_scope", self.r4f_scope, R4F_SCOPES)

@@ -1,14 +1,21 @@
 """R4F: R3F with a head g reparameterised to be at most 1-Lipschitz by spectral
 normalisation, W_SN = W / sigma_max(W) (Aghajanyan et al., ICLR 2021, Section 3.2;
 Miyato et al. 2018). The loss is R3F's (``rxf.methods.r3f.r3f_loss``); this file changes
-the model.
+the model and owns what that change needs during training (``R4F``).
 
 Scope ``all`` normalises every linear layer of the head, as the paper states; ``last``
 normalises only the last one, as fairseq does. ``torch.nn.utils.parametrizations.
 spectral_norm`` renames a weight to ``parametrizations.weight.original`` and adds power
 iteration vectors; hooks registered here fold the normalised weight back into a plain
 ``weight`` entry in every ``state_dict()``, so ``save_pretrained`` checkpoints load with a
-plain ``from_pretrained``, and accept plain ``weight`` entries when loading (resuming).
+plain ``from_pretrained``, and accept plain ``weight`` entries when loading.
+
+Training state: each training-mode evaluation of W / sigma advances the power iteration
+one step, so the clean and the noised pass would see different heads. ``R4F.loss`` runs
+both passes under ``parametrize.cached()``: one power iteration per batch, shared by its
+passes. A checkpoint's weights are the folded W / sigma; the raw weight W and the vectors
+u, v that training continues from go into the method state (``R4F.state_dict``), so a
+resumed run continues exactly where the unbroken one would.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 from rxf.errors import OptionError
-from rxf.models import classification_head, unwrap, whole
+from rxf.methods.base import Method
+from rxf.methods.r3f import r3f_loss
+from rxf.models import classification_head, is_shard, unwrap, whole
 
 _ORIGINAL = "parametrizations.weight.original"
 _U = "parametrizations.weight.0._u"
@@ -114,3 +123,42 @@ def _unfold_from_weight(module, state_dict, prefix, local_metadata, strict, miss
         sn = module.parametrizations.weight[0]
         state_dict.setdefault(prefix + _U, sn._u.detach().clone())
         state_dict.setdefault(prefix + _V, sn._v.detach().clone())
+
+
+class R4F(Method):
+    """R4F's life cycle: normalise the head before training, one power iteration per
+    batch shared by R3F's two passes, sigma settled before evaluating and saving, and the
+    raw weights with their power-iteration vectors in every checkpoint."""
+
+    def setup(self, model):
+        apply_spectral_norm(model, self.options.r4f_scope)
+
+    def loss(self, model, batch):
+        with parametrize.cached():
+            return r3f_loss(model, batch, self.options)
+
+    def before_eval(self, model):
+        refresh_spectral_norm(model)
+
+    def state_dict(self, model):
+        state = {}
+        for name, linear in normalised_linears(model):
+            sn = linear.parametrizations.weight[0]
+            state[f"{name}.weight_original"] = whole(linear.parametrizations.weight.original).detach().clone()
+            state[f"{name}.weight_u"] = sn._u.detach().clone()
+            state[f"{name}.weight_v"] = sn._v.detach().clone()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, model, state):
+        for name, linear in normalised_linears(model):
+            sn = linear.parametrizations.weight[0]
+            original = linear.parametrizations.weight.original
+            saved = state[f"{name}.weight_original"].to(original.device, original.dtype)
+            if is_shard(original):
+                from torch.distributed.tensor import distribute_tensor
+
+                saved = distribute_tensor(saved, original.device_mesh, original.placements)
+            original.copy_(saved)
+            sn._u.copy_(state[f"{name}.weight_u"])
+            sn._v.copy_(state[f"{name}.weight_v"])

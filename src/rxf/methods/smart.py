@@ -30,9 +30,12 @@ from torch import nn
 
 from rxf.divergence import output_divergence
 from rxf.errors import OptionError
+from rxf.methods.base import Logs, Method
 from rxf.methods.options import MethodOptions
-from rxf.methods.standard import Logs, task_loss
-from rxf.models import LABEL_KEYS, embed, forward_embeds, is_shard, token_mask, unwrap
+from rxf.methods.standard import task_loss
+from rxf.models import (
+    extra_pass_model, is_shard, logits_of, perturbed_embeddings, token_mask, unwrap, warn_if_eval_mode,
+)
 
 
 class EMATeacher:
@@ -68,7 +71,7 @@ class EMATeacher:
 
     @torch.no_grad()
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.model(**{k: v for k, v in batch.items() if k not in LABEL_KEYS}).logits
+        return logits_of(self.model, batch)
 
 
 def _normalise(grad: torch.Tensor, norm: str, mask: torch.Tensor) -> torch.Tensor:
@@ -92,30 +95,35 @@ def _project(delta: torch.Tensor, norm: str, radius: float) -> torch.Tensor:
 
 def find_perturbation(
     model: nn.Module,
-    embeds: torch.Tensor,
     clean_logits: torch.Tensor,
     batch: dict[str, Any],
     options: MethodOptions,
 ) -> torch.Tensor:
-    """S steps of projected gradient ascent on KL_S(clean, perturbed).
+    """S steps of projected gradient ascent on KL_S(clean, perturbed), the perturbation
+    delta added to the detached word embeddings inside the model's forward.
 
     Args:
-        embeds: (B, T, H) word embeddings, detached.
         clean_logits: (B, C) clean logits, detached (held fixed during the search).
 
     Returns:
-        delta (B, T, H), detached, inside the eps-ball, zero on padding.
+        delta (B, T, H) float32, detached, inside the eps-ball, zero on padding.
     """
-    mask = token_mask(batch, embeds).float()
-    delta = torch.randn(embeds.shape, device=embeds.device, dtype=torch.float32) * options.smart_noise_var * mask
-    delta = _project(delta, options.smart_norm, options.smart_epsilon)
+    delta = mask = None
+
+    def perturb(e: torch.Tensor) -> torch.Tensor:
+        nonlocal delta, mask
+        if delta is None:  # delta_0 ~ N(0, sigma^2), made on the first call with e's shape
+            mask = token_mask(batch, e).float()
+            delta = torch.randn(e.shape, device=e.device, dtype=torch.float32) * options.smart_noise_var * mask
+            delta = _project(delta, options.smart_norm, options.smart_epsilon).requires_grad_(True)
+        return e.detach() + delta.to(e.dtype)
+
     for _ in range(options.smart_steps):
-        delta.requires_grad_(True)
-        perturbed = forward_embeds(model, embeds + delta.to(embeds.dtype), batch)
-        divergence = output_divergence(perturbed, clean_logits)
+        with perturbed_embeddings(model, perturb):
+            divergence = output_divergence(logits_of(model, batch), clean_logits)
         (grad,) = torch.autograd.grad(divergence, delta)
         step = options.smart_step_size * _normalise(grad, options.smart_norm, mask)
-        delta = _project(delta.detach() + step, options.smart_norm, options.smart_epsilon) * mask
+        delta = (_project(delta.detach() + step, options.smart_norm, options.smart_epsilon) * mask).requires_grad_(True)
     return delta.detach()
 
 
@@ -132,18 +140,17 @@ def smart_loss(
 
     Returns ``(loss, logs)`` with ``task_loss``, ``regularizer`` (R_s), ``bregman``.
     """
-    embeds = embed(model, batch["input_ids"])
-    clean = forward_embeds(model, embeds, batch)
+    warn_if_eval_mode(model, options.method)
+    clean = logits_of(model, batch)
     loss = task_loss(clean, batch["labels"])
     logs: Logs = {"task_loss": loss.detach(), "forward_passes": 1, "backward_passes": 1}
     if not model.training:
         return loss, logs
 
-    # Extra passes run on the module inside any DDP wrapper (one DDP forward per
-    # backward); the parameters' gradient hooks still all-reduce the sum once.
-    inner = unwrap(model)
-    delta = find_perturbation(inner, embeds.detach(), clean.detach(), batch, options)
-    perturbed = forward_embeds(inner, embeds + delta.to(embeds.dtype), batch)
+    extra = extra_pass_model(model)
+    delta = find_perturbation(extra, clean.detach(), batch, options)
+    with perturbed_embeddings(extra, lambda e: e + delta.to(e.dtype)):
+        perturbed = logits_of(extra, batch)
     regularizer = output_divergence(clean, perturbed)
     loss = loss + options.smart_lambda * regularizer
     logs.update(
@@ -158,3 +165,36 @@ def smart_loss(
         loss = loss + options.smart_mu * bregman
         logs.update(bregman=bregman.detach(), teacher_forward_passes=1)
     return loss, logs
+
+
+class SMART(Method):
+    """SMART's life cycle: the EMA teacher, made from the model on its first use (once
+    the model sits on its device), moved after every optimiser step, and saved with every
+    checkpoint so that a resumed run keeps the teacher it had."""
+
+    def __init__(self, options: MethodOptions):
+        super().__init__(options)
+        self.teacher: EMATeacher | None = None
+
+    def _teacher(self, model: nn.Module) -> EMATeacher | None:
+        if self.options.smart_bregman and self.teacher is None:
+            self.teacher = EMATeacher(model, self.options)
+        return self.teacher
+
+    def loss(self, model, batch):
+        return smart_loss(model, batch, self.options, self._teacher(model) if model.training else self.teacher)
+
+    def after_step(self, model, step, total_steps):
+        if self.teacher is not None:
+            self.teacher.update(model, step, total_steps)
+
+    def state_dict(self, model):
+        if self.teacher is None:
+            return {}
+        # Clones: tied weights share storage, which safetensors refuses to save.
+        return {f"teacher.{k}": v.detach().clone() for k, v in self.teacher.model.state_dict().items()}
+
+    def load_state_dict(self, model, state):
+        teacher_state = {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}
+        if teacher_state and self._teacher(model) is not None:
+            self.teacher.model.load_state_dict(teacher_state)

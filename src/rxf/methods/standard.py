@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rxf.methods.base import Logs, Method
 from rxf.methods.options import MethodOptions
-from rxf.models import LABEL_KEYS
-
-Logs = dict[str, Any]
+from rxf.models import logits_of
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -34,6 +33,12 @@ def standard_loss(
     ``attention_mask`` (B, T), optional ``token_type_ids`` and ``labels`` (B,).
 
     Returns ``(loss, logs)``; the caller runs the one backward pass."""
-    logits = model(**{k: v for k, v in batch.items() if k not in LABEL_KEYS}).logits
-    loss = task_loss(logits, batch["labels"])
+    loss = task_loss(logits_of(model, batch), batch["labels"])
     return loss, {"task_loss": loss.detach(), "forward_passes": 1, "backward_passes": 1}
+
+
+class Standard(Method):
+    """STD and STD++: the task loss; their optimiser and length come from the options."""
+
+    def loss(self, model, batch):
+        return standard_loss(model, batch)

@@ -19,7 +19,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from rxf.finetune import FinetuneSpec, run_finetune, write_json_atomic
+from rxf.finetune import FinetuneSpec, run_finetune
+from rxf.jsonio import write_json_atomic
 from rxf.methods.options import MethodOptions
 from rxf.probing.plots import plot_lines
 from rxf.probing.probe import probe_checkpoint, task_splits

@@ -19,7 +19,8 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from rxf.finetune import FinetuneSpec, load_task_data, write_json_atomic
+from rxf.finetune import FinetuneSpec, load_task_data
+from rxf.jsonio import write_json_atomic
 from rxf.probing.drift import layer_drift
 from rxf.probing.features import cached_features, encode, load_encoder
 from rxf.tasks.glue import ClassificationTask, get_task

@@ -7,13 +7,18 @@ GLUE TSVs are read as tab-separated text with quoting off (quotes are part of th
 a UTF-8 byte-order mark is dropped (MRPC) and CoLA's headerless files get their column
 names. Files with other column names are read through a column mapping; the common
 ``text_a``/``text_b``/``label`` layout (LM-BFF k-shot, ``glue_pretrain`` JSONL) is
-recognised without one. Every problem is reported with the file and line.
+recognised without one. Any of these files may be gzip-compressed if its name ends in
+``.gz`` (``train.tsv.gz``). Every problem is reported with the file and line.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
+import gzip
+import io
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,8 @@ from rxf.tasks.glue import ClassificationTask
 
 SUFFIXES = (".tsv", ".jsonl", ".csv")
 _GENERIC_COLUMNS = ("text_a", "text_b", "label")
+_GZIP_MAGIC = b"\x1f\x8b"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 @dataclass
@@ -44,30 +51,84 @@ class Examples:
 
 
 def read_records(path: Path, headerless_columns: tuple[str, ...] | None = None) -> list[tuple[int, dict]]:
-    """Rows of a .tsv, .csv or .jsonl file as (line number, {column: value})."""
+    """Rows of a .tsv, .csv or .jsonl file (or the same gzipped, ``.tsv.gz``) as
+    (line number, {column: value})."""
     path = Path(path)
+    return _records(path, _check_format(path), read_text(path), headerless_columns)
+
+
+def table_format(path: Path) -> str:
+    """The table format a file name says, ignoring a final ``.gz``: ``.tsv`` for both
+    ``train.tsv`` and ``train.tsv.gz``."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes[-1:] == [".gz"]:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def _check_format(path: Path) -> str:
+    """The file's table format; a missing, empty or unsupported file is a DataError
+    (checked before reading, so that e.g. a .parquet file is named as such)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = _read_jsonl(path)
-    elif suffix == ".csv":
-        rows = _read_csv(path)
-    elif suffix in (".tsv", ".txt"):
-        rows = _read_tsv(path, headerless_columns)
+    fmt = table_format(path)
+    if fmt not in (".jsonl", ".csv", ".tsv", ".txt"):
+        shown = repr(fmt) if fmt else "(none)"
+        raise DataError(f"{path}: unsupported file type {shown} (use .tsv, .csv or .jsonl, optionally gzipped as .gz)")
+    return fmt
+
+
+def read_text(path: Path) -> str:
+    """The content of a UTF-8 text file, decompressed if its name ends in ``.gz``, with
+    a byte-order mark dropped. Content that is not UTF-8 text (a gzip file under a plain
+    name, UTF-16, NUL bytes, invalid bytes) is a one-line DataError: the csv and json
+    readers would otherwise fail with a traceback, or read binary garbage as text."""
+    path = Path(path)
+    data = path.read_bytes()
+    if path.suffix.lower() == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{path}: cannot decompress it as gzip ({exc})") from None
+        if not data:
+            raise DataError(f"{path}: empty file (after decompression)")
+    elif data[:2] == _GZIP_MAGIC:
+        raise DataError(f"{path}: the file is gzip-compressed; name it {path.name}.gz to have it decompressed")
+    if data[:2] in _UTF16_BOMS:
+        raise DataError(f"{path}: the file is UTF-16 text; save it as UTF-8")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"{path}:{_line_at(data, nul)}: binary content (a NUL byte), not UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}:{_line_at(data, exc.start)}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
+        ) from None
+
+
+def _line_at(data: bytes, offset: int) -> int:
+    """The 1-based line number of byte ``offset``."""
+    return data.count(b"\n", 0, offset) + 1
+
+
+def _records(path: Path, fmt: str, text: str, headerless_columns) -> list[tuple[int, dict]]:
+    if fmt == ".jsonl":
+        rows = _read_jsonl(path, text)
+    elif fmt == ".csv":
+        rows = _read_csv(path, text)
     else:
-        raise DataError(f"{path}: unsupported file type {suffix!r} (use .tsv, .csv or .jsonl)")
+        rows = _read_tsv(path, text, headerless_columns)
     if not rows:
         raise DataError(f"{path}: no data rows")
     return rows
 
 
-def _read_tsv(path: Path, headerless_columns) -> list[tuple[int, dict]]:
+def _read_tsv(path: Path, text: str, headerless_columns) -> list[tuple[int, dict]]:
     rows = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = f.read().split("\n")
+    lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if headerless_columns is None:
@@ -86,38 +147,40 @@ def _read_tsv(path: Path, headerless_columns) -> list[tuple[int, dict]]:
     return rows
 
 
-def _read_csv(path: Path) -> list[tuple[int, dict]]:
+def _read_csv(path: Path, text: str) -> list[tuple[int, dict]]:
     rows = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        for fields in reader:
-            if not fields:
-                continue
-            if len(fields) != len(header):
-                raise DataError(f"{path}:{reader.line_num}: expected {len(header)} fields, found {len(fields)}")
-            rows.append((reader.line_num, dict(zip(header, fields))))
+    reader = csv.reader(io.StringIO(text, newline=""))  # newline="": quoted fields may hold line breaks
+    header = next(reader, None)
+    for fields in reader:
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            raise DataError(f"{path}:{reader.line_num}: expected {len(header)} fields, found {len(fields)}")
+        rows.append((reader.line_num, dict(zip(header, fields))))
     return rows
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object per line")
-            rows.append((lineno, record))
+    for lineno, line in enumerate(io.StringIO(text, newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+        rows.append((lineno, record))
     return rows
 
 
-def parse_column_map(spec: str | None, option: str = "--columns") -> dict[str, str]:
-    """``"sentence1=text_a,label=gold"`` -> {"sentence1": "text_a", "label": "gold"}."""
+def parse_column_map(
+    spec: str | None, option: str = "--columns", valid_keys: tuple[str, ...] | list[str] | None = None
+) -> dict[str, str]:
+    """``"sentence1=text_a,label=gold"`` -> {"sentence1": "text_a", "label": "gold"}.
+
+    With ``valid_keys``, a key that is not one of them is refused (see ``check_column_keys``)."""
     if not spec:
         return {}
     mapping = {}
@@ -126,7 +189,27 @@ def parse_column_map(spec: str | None, option: str = "--columns") -> dict[str, s
             raise DataError(f"{option}: expected KEY=VALUE items separated by commas, got {item!r}")
         key, value = item.split("=", 1)
         mapping[key.strip()] = value.strip()
+    if valid_keys is not None:
+        check_column_keys(mapping, valid_keys, option)
     return mapping
+
+
+def column_keys(task: ClassificationTask) -> list[str]:
+    """The keys a column mapping for ``task`` may have: its text columns and label column."""
+    return list(task.text_columns) + [task.label_column]
+
+
+def check_column_keys(mapping: dict[str, str], valid_keys, option: str = "--columns", owner: str = "") -> None:
+    """Refuse a mapping key that is not one of ``valid_keys``: a misspelt key would
+    otherwise be ignored and the run would read the wrong (or the default) column."""
+    valid_keys = list(valid_keys)
+    unknown = [key for key in mapping if key not in valid_keys]
+    if not unknown:
+        return
+    close = difflib.get_close_matches(unknown[0], valid_keys, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    owner = f" for {owner}" if owner else ""
+    raise DataError(f"{option}: unknown key {unknown[0]!r}{hint}; the valid keys{owner} are {', '.join(valid_keys)}")
 
 
 def examples_from_file(
@@ -135,12 +218,17 @@ def examples_from_file(
     column_map: dict[str, str] | None = None,
     label_map: dict[str, str] | None = None,
 ) -> Examples:
-    """Read one split file of ``task`` and check every row's label. ``label_map`` renames
-    the file's labels to the task's (e.g. {"0": "entailment"}) before they are checked."""
-    tab_separated = Path(path).suffix.lower() in (".tsv", ".txt")
-    headerless = task.headerless_columns if tab_separated and _lacks_header(path, task) else None
-    rows = read_records(Path(path), headerless)
-    wanted = list(task.text_columns) + [task.label_column]
+    """Read one split file of ``task`` and check every row's label. ``column_map`` maps
+    the task's column names (its text columns and label column) to the file's; other
+    keys are refused. ``label_map`` renames the file's labels to the task's (e.g.
+    {"0": "entailment"}) before they are checked."""
+    wanted = column_keys(task)
+    check_column_keys(column_map or {}, wanted, owner=task.name)
+    path = Path(path)
+    fmt = _check_format(path)
+    text = read_text(path)
+    headerless = task.headerless_columns if fmt in (".tsv", ".txt") and _lacks_header(text, task) else None
+    rows = _records(path, fmt, text, headerless)
     mapping = {c: c for c in wanted}
     present = set(rows[0][1])
     if not set(wanted) <= present and set(_GENERIC_COLUMNS[: len(task.text_columns)] + ("label",)) <= present:
@@ -167,12 +255,11 @@ def examples_from_file(
     return Examples(text_a, text_b, labels, str(path))
 
 
-def _lacks_header(path: Path, task: ClassificationTask) -> bool:
+def _lacks_header(text: str, task: ClassificationTask) -> bool:
     """CoLA's official files have no header row: its first line starts with a source id."""
     if task.headerless_columns is None:
         return False
-    with open(path, encoding="utf-8-sig") as f:
-        first = f.readline().rstrip("\r\n").split("\t")
+    first = text.split("\n", 1)[0].rstrip("\r").split("\t")
     return task.text_columns[0] not in first and "text_a" not in first
 
 
@@ -188,11 +275,16 @@ def _parse_label(task: ClassificationTask, value, path, lineno: int):
     return task.labels.index(text)
 
 
+def _file_names(split: str) -> list[str]:
+    """The file names a split may have, plain before gzipped: train.tsv, train.tsv.gz, ..."""
+    return [f"{split}{suffix}{gz}" for suffix in SUFFIXES for gz in ("", ".gz")]
+
+
 def find_split_file(task: ClassificationTask, data_dir: Path, split: str) -> Path | None:
-    """``data_dir/<TaskFolder>/<split>.{tsv,jsonl,csv}`` or ``data_dir/<split>.*``."""
+    """``data_dir/<TaskFolder>/<split>.{tsv,jsonl,csv}[.gz]`` or ``data_dir/<split>.*``."""
     for folder in (Path(data_dir) / task.folder, Path(data_dir)):
-        for suffix in SUFFIXES:
-            candidate = folder / f"{split}{suffix}"
+        for name in _file_names(split):
+            candidate = folder / name
             if candidate.is_file():
                 return candidate
     return None
@@ -201,10 +293,11 @@ def find_split_file(task: ClassificationTask, data_dir: Path, split: str) -> Pat
 def _missing_split(task: ClassificationTask, data_dir: Path, split: str) -> DataError:
     folder = Path(data_dir) / task.folder
     folder = folder if folder.is_dir() else Path(data_dir)
-    looked = ", ".join(f"{split}{s}" for s in SUFFIXES)
-    hints = sorted(
-        str(p.parent.relative_to(folder)) for s in SUFFIXES for p in folder.glob(f"**/{split}{s}") if p.parent != folder
-    ) if folder.is_dir() else []
+    looked = ", ".join(f"{split}{s}" for s in SUFFIXES) + " (or the same .gz)"
+    hints = sorted({
+        str(p.parent.relative_to(folder)) for name in _file_names(split) for p in folder.glob(f"**/{name}")
+        if p.parent != folder
+    }) if folder.is_dir() else []
     hint = f"; folders below it that have one: {', '.join(hints)} (pass one as --data-dir)" if hints else ""
     where = folder if folder.is_dir() else f"{data_dir} (folder not found)"
     return DataError(f"no {split} split for {task.name} in {where}: looked for {looked}{hint}")
@@ -221,6 +314,8 @@ def load_local(
 
     The first dev split of the task is required; further ones (MNLI mismatched) are
     read when present."""
+    # A wrong --columns key is wrong whatever the folder holds: report it first.
+    check_column_keys(column_map or {}, column_keys(task), owner=task.name)
     splits: dict[str, Examples] = {}
     train_path = Path(train_file) if train_file else find_split_file(task, data_dir, "train")
     if train_path is None:
@@ -243,15 +338,54 @@ def load_local(
 
 def load_hub(task: ClassificationTask, trust_remote_code: bool = False) -> dict[str, Examples]:
     """The task from the Hugging Face hub through ``datasets.load_dataset`` (needs
-    network, or a populated datasets cache). Labels are the hub's ids already."""
+    network, or a populated datasets cache). Labels are the hub's ids already.
+
+    Without network (or in offline mode, with nothing cached) this is a one-line
+    DataError pointing at the local-file options, not datasets' retries and traceback."""
     from datasets import load_dataset
 
     kwargs = {"trust_remote_code": True} if trust_remote_code else {}
-    data = load_dataset(task.hub_dataset, task.hub_config, **kwargs)
+    try:
+        data = load_dataset(task.hub_dataset, task.hub_config, **kwargs)
+    except _network_errors() as exc:
+        raise DataError(_hub_unreachable(task, exc)) from None
     splits = {"train": _examples_from_hub(task, data["train"], f"{task.hub_dataset}/{task.hub_config}/train")}
     for local, hub in zip(task.dev_splits, task.hub_dev_splits):
         splits[local] = _examples_from_hub(task, data[hub], f"{task.hub_dataset}/{task.hub_config}/{hub}")
     return splits
+
+
+def _hub_unreachable(task: ClassificationTask, exc: BaseException) -> str:
+    from datasets import config
+
+    name = f"{task.hub_dataset} ({task.hub_config})" if task.hub_config else task.hub_dataset
+    # datasets reads HF_HUB_OFFLINE / HF_DATASETS_OFFLINE once, at import: ask it, not os.environ.
+    if getattr(config, "HF_HUB_OFFLINE", False) or getattr(config, "HF_DATASETS_OFFLINE", False):
+        why = "offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and it is not in the datasets cache"
+    else:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = f"the Hugging Face hub is unreachable ({detail})"
+    return f"hub dataset {name}: {why}; pass --data-dir (or --train-file and --dev-file) with local files"
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "no network": the builtin ones, which datasets raises
+    itself (its offline error is a ConnectionError), and those of the HTTP client below
+    it, which leak through on some code paths (httpx or requests, by version)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        from huggingface_hub.utils import httpx
+
+        errors.append(httpx.TransportError)
+    except ImportError:
+        pass
+    try:
+        import requests
+
+        errors += [requests.ConnectionError, requests.Timeout]
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def _examples_from_hub(task: ClassificationTask, split, source: str) -> Examples:
