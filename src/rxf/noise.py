@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-NOISE_TYPES = ("uniform", "normal")
+from rxf.methods.options import NOISE_TYPES
 
 
 def sample_noise(like: torch.Tensor, noise_type: str, sigma: float) -> torch.Tensor:

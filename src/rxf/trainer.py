@@ -12,8 +12,9 @@ runs K backward calls), ``after_step`` after every optimiser step (SMART's teach
 (R4F's raw weights and power-iteration vectors, SMART's teacher), restored on resume and
 when the best checkpoint is loaded, so that a resumed run ends where the unbroken one does.
 STD and STD++ change only the optimiser's bias correction and the training length. The
-task loss is computed from the logits here (``model_accepts_loss_kwargs = False``), so the
-Trainer's gradient-accumulation scaling stays right.
+classification loss is computed from the logits here, a mean per micro-batch, which the
+Trainer divides by the accumulation steps; the generation loss is normalised by the
+target tokens of the whole accumulated batch (``num_items_in_batch``).
 
 Non-finite updates: an update whose loss or gradient is not finite is skipped (its
 gradients are dropped before the optimiser step, so neither the weights nor the
@@ -45,6 +46,7 @@ from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, Trai
 
 from rxf.errors import OptionError, TrainingDiverged
 from rxf.methods import build_method
+from rxf.methods.generation import Generation
 from rxf.methods.options import MethodOptions
 from rxf.methods.standard import task_loss
 from rxf.models import is_generation_model, model_inputs, whole
@@ -125,7 +127,11 @@ class RXFTrainer(Trainer):
                 {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon},
             )
         super().__init__(model=model, args=args, **kwargs)
-        self.model_accepts_loss_kwargs = False
+        # Classification: the task loss is a mean over the micro-batch, computed here from the
+        # logits, so the Trainer's division by the accumulation steps is right. Generation:
+        # the Trainer counts the scored target tokens of the whole accumulated batch and
+        # passes them as num_items_in_batch, so each token weighs the same in every micro-batch.
+        self.model_accepts_loss_kwargs = isinstance(self.method, Generation)
         self.passes: dict[str, int] = {}
         self.skipped_updates = 0
         self._consecutive_skips = 0
@@ -150,7 +156,16 @@ class RXFTrainer(Trainer):
             outputs = model(**model_inputs(inputs))
             loss = task_loss(outputs.logits, inputs["labels"])
             return (loss, outputs) if return_outputs else loss
-        loss, logs = self.method.loss(model, inputs)
+        if isinstance(self.method, Generation):
+            # DataParallel (n_gpu > 1) splits the count across replicas; there the mean per micro-batch is kept.
+            count = num_items_in_batch if self.args.n_gpu <= 1 else None
+            loss, logs = self.method.loss(model, inputs, num_items_in_batch=count)
+            if count is not None and self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                # The count covers every process and DDP averages gradients across them.
+                loss = loss * self.accelerator.num_processes
+            self.loss_is_scaled_for_ga = count is not None
+        else:
+            loss, logs = self.method.loss(model, inputs)
         self._record(logs)
         return loss
 

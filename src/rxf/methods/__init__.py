@@ -1,26 +1,44 @@
 """The six fine-tuning methods, one file each, each with its loss (or step) and its life
-cycle in a training run (a ``Method``). See docs/methods.md."""
+cycle in a training run (a ``Method``). See docs/methods.md.
 
-from torch import nn
+Names are imported on first use (PEP 562), so that reading ``rxf.methods.options`` — the
+command line's ``--help`` — does not import torch."""
 
-from rxf.methods.base import Method
-from rxf.methods.freelb import FreeLB, freelb_step
-from rxf.methods.generation import Generation, generation_loss
-from rxf.methods.options import METHODS, MethodOptions
-from rxf.methods.r3f import R3F, r3f_loss
-from rxf.methods.r4f import R4F, apply_spectral_norm, normalised_linears
-from rxf.methods.smart import SMART, EMATeacher, smart_loss
-from rxf.methods.standard import Standard, standard_loss, task_loss
+from __future__ import annotations
+
+import importlib
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "Method": "base",
+    "FreeLB": "freelb", "freelb_step": "freelb",
+    "Generation": "generation", "generation_loss": "generation",
+    "METHODS": "options", "MethodOptions": "options",
+    "R3F": "r3f", "r3f_loss": "r3f",
+    "R4F": "r4f", "apply_spectral_norm": "r4f", "normalised_linears": "r4f",
+    "SMART": "smart", "EMATeacher": "smart", "smart_loss": "smart",
+    "Standard": "standard", "standard_loss": "standard", "task_loss": "standard",
+}
 
 
-def build_method(options: MethodOptions, model: nn.Module | None = None) -> Method:
-    """The life cycle of ``options.method``; a generation model (seq2seq or decoder-only
-    LM) gets the generation losses, which offer std, std++ and r3f."""
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rxf.methods' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"rxf.methods.{_EXPORTS[name]}"), name)
+
+
+def build_method(options, model=None):
+    """The life cycle (a ``Method``) of ``options.method``; a generation model (seq2seq or
+    decoder-only LM) gets the generation losses, which offer std, std++ and r3f."""
+    from rxf.methods.freelb import FreeLB
+    from rxf.methods.generation import Generation, check_generation_method
+    from rxf.methods.r3f import R3F
+    from rxf.methods.r4f import R4F
+    from rxf.methods.smart import SMART
+    from rxf.methods.standard import Standard
     from rxf.models import is_generation_model
 
     if model is not None and is_generation_model(model):
-        from rxf.methods.generation import check_generation_method
-
         check_generation_method(options.method)
         return Generation(options)
     if options.method == "r3f":
@@ -34,24 +52,4 @@ def build_method(options: MethodOptions, model: nn.Module | None = None) -> Meth
     return Standard(options)
 
 
-__all__ = [
-    "METHODS",
-    "EMATeacher",
-    "FreeLB",
-    "Generation",
-    "Method",
-    "MethodOptions",
-    "R3F",
-    "R4F",
-    "SMART",
-    "Standard",
-    "apply_spectral_norm",
-    "build_method",
-    "freelb_step",
-    "generation_loss",
-    "normalised_linears",
-    "r3f_loss",
-    "smart_loss",
-    "standard_loss",
-    "task_loss",
-]
+__all__ = sorted([*_EXPORTS, "build_method"])

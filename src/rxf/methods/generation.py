@@ -9,9 +9,13 @@ decoder-only language models (GPT-2, Llama-style), Aghajanyan et al. 2021, Secti
   and only where the loss is taken: padding never contributes (fairseq's version sums
   over padding), and for a decoder-only model only the response tokens count when the
   prompt is masked out of the labels.
+- With gradient accumulation both terms are token means over the *whole* accumulated
+  batch (``num_items_in_batch``), so a micro-batch weighs by its scored tokens, as one
+  large batch would weigh them.
 - Noise goes on the encoder input embeddings by default (``noise_target="encoder"``);
   ``"decoder"`` noises the decoder input embeddings instead. Decoder-only models have one
-  input: it is noised either way.
+  input: it is noised either way. The noise is normal N(0, eps^2) unless ``noise_type``
+  says otherwise (fairseq's seq2seq default; classification defaults to uniform).
 - Embeddings are not detached here (fairseq noises seq2seq embeddings without detaching).
 - R4F is refused: the paper's head g has no weights in generation, so there is nothing
   to normalise. SMART and FreeLB are offered for classification only.
@@ -27,17 +31,13 @@ from torch import nn
 
 from rxf.divergence import symmetric_kl
 from rxf.errors import OptionError
+from rxf.methods.base import Logs, Method
 from rxf.methods.options import MethodOptions
-from rxf.methods.standard import Logs
-from rxf.models import LABEL_KEYS, unwrap
+from rxf.models import extra_pass_model, is_seq2seq, logits_of, perturbed_embeddings, warn_if_eval_mode, with_decoder_inputs
 from rxf.noise import sample_noise
 
 IGNORE = -100
 GENERATION_METHODS = ("std", "std++", "r3f")
-
-
-def is_seq2seq(model: nn.Module) -> bool:
-    return bool(getattr(unwrap(model).config, "is_encoder_decoder", False))
 
 
 def check_generation_method(method: str) -> None:
@@ -55,8 +55,15 @@ def label_smoothed_nll(logits: torch.Tensor, labels: torch.Tensor, smoothing: fl
         logits: (B, T, V) scores for each target position.
         labels: (B, T) token ids, ``-100`` where there is no target (padding, prompt).
 
-    (1 - eps) * NLL + eps * mean over the vocabulary of -log p, per position — the
-    uniform-prior smoothing of Szegedy et al. (2016) that fairseq and the Trainer use.
+    Per position: (1 - eps) * NLL + eps * mean over all V tokens of -log p, i.e. the
+    cross entropy against a target putting 1 - eps + eps/V on the label and eps/V on
+    every token (the uniform prior of Szegedy et al. 2016). This is what transformers'
+    ``LabelSmoother`` (the Trainer's ``label_smoothing_factor``) and
+    ``F.cross_entropy(label_smoothing=eps)`` compute, and what fairseq computed before it
+    changed. fairseq's current ``label_smoothed_nll_loss`` instead puts 1 - eps on the
+    label and eps/(V-1) on each *other* token:
+    (1 - eps - eps/(V-1)) * NLL + eps/(V-1) * sum over all V tokens of -log p. The two
+    differ by eps/V * (mean over the other tokens of -log p - NLL), i.e. O(eps/V).
     """
     log_probs = F.log_softmax(logits.float(), dim=-1)
     mask = labels != IGNORE
@@ -77,15 +84,30 @@ def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return logits[:, :-1], labels[:, 1:]
 
 
-def _decoder_inputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
-    batch = dict(batch)
-    if "decoder_input_ids" not in batch and "decoder_inputs_embeds" not in batch:
-        batch["decoder_input_ids"] = unwrap(model).prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-    return batch
+def _share_of_accumulated_batch(
+    scored_labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None
+) -> float | torch.Tensor:
+    """What turns a token mean over this micro-batch into its share of the token mean
+    over the whole accumulated batch: (its scored tokens) / num_items_in_batch, so that
+    mean * share = (sum over its scored tokens) / num_items_in_batch and the shares of
+    all micro-batches add up to the full batch's mean. 1 without ``num_items_in_batch``.
+
+    Args:
+        scored_labels: (B, T) labels of the scored positions (-100 elsewhere).
+    """
+    if num_items_in_batch is None:
+        return 1.0
+    scored = (scored_labels != IGNORE).sum()
+    if torch.is_tensor(num_items_in_batch):  # the Trainer's count may sit on another device
+        num_items_in_batch = num_items_in_batch.to(scored.device)
+    return scored / num_items_in_batch
 
 
 def generation_loss(
-    model: nn.Module, batch: dict[str, Any], options: MethodOptions
+    model: nn.Module,
+    batch: dict[str, Any],
+    options: MethodOptions,
+    num_items_in_batch: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Logs]:
     """STD (label-smoothed CE) or R3F loss for a seq2seq or causal LM batch.
 
@@ -96,30 +118,50 @@ def generation_loss(
             decoder-only model T = S and ``labels`` is the input with the prompt and the
             padding set to -100.
         options: ``method`` (std, std++ or r3f), ``label_smoothing``, ``noise_target``,
-            ``noise_type``, ``noise_eps``, ``r3f_lambda``.
+            ``noise_type`` (unset: normal), ``noise_eps``, ``r3f_lambda``.
+        num_items_in_batch: scored target tokens in the whole accumulated batch (all
+            micro-batches of one update, on every process when the caller averages
+            over processes): ``labels != -100`` for seq2seq, ``labels[:, 1:] != -100``
+            for a decoder-only model, as the Trainer counts them. When given, both terms
+            are summed over this micro-batch's scored tokens and divided by it, so the
+            losses of the micro-batches add up to the full batch's; the caller must then
+            not divide by the number of accumulation steps. None: means over this batch.
+
+    Returns:
+        ``(loss, logs)``; the logged ``task_loss`` and ``regularizer`` are means over
+        this micro-batch's scored tokens whether or not ``num_items_in_batch`` is given.
     """
     check_generation_method(options.method)
+    warn_if_eval_mode(model, options.method)
     seq2seq = is_seq2seq(model)
     if seq2seq:
-        batch = _decoder_inputs(model, batch)
+        batch = with_decoder_inputs(model, batch)
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
-    embed_key = "decoder_input_ids" if seq2seq and options.noise_target == "decoder" else "input_ids"
-    embeds = unwrap(model).get_input_embeddings()(inputs[embed_key])
-    embeds_name = "decoder_inputs_embeds" if embed_key == "decoder_input_ids" else "inputs_embeds"
-
-    def run(e: torch.Tensor) -> torch.Tensor:
-        call = {k: v for k, v in inputs.items() if k != embed_key}
-        return model(**call, **{embeds_name: e}).logits
-
-    clean = run(embeds)
+    clean = logits_of(model, batch)
     clean_scored, scored_labels = (clean, labels) if seq2seq else _shifted(clean, labels)
-    loss = label_smoothed_nll(clean_scored, scored_labels, options.label_smoothing)
-    logs: Logs = {"task_loss": loss.detach(), "forward_passes": 1, "backward_passes": 1}
+    share = _share_of_accumulated_batch(scored_labels, num_items_in_batch)
+    task = label_smoothed_nll(clean_scored, scored_labels, options.label_smoothing)
+    logs: Logs = {"task_loss": task.detach(), "forward_passes": 1, "backward_passes": 1}
     if options.method != "r3f" or not model.training:
-        return loss, logs
-    noised = run(embeds + sample_noise(embeds, options.noise_type, options.noise_eps))
+        return task * share, logs
+    # Not detached: fairseq noises seq2seq embeddings without detaching them.
+    noise_type = options.resolved_noise_type(generation=True)  # normal unless set, as fairseq
+    extra = extra_pass_model(model)
+    with perturbed_embeddings(extra, lambda e: e + sample_noise(e, noise_type, options.noise_eps),
+                              target=options.noise_target):
+        noised = logits_of(extra, batch)
     noised_scored = noised if seq2seq else _shifted(noised, labels)[0]
     regularizer = token_divergence(clean_scored, noised_scored, scored_labels)
     logs.update(regularizer=regularizer.detach(), forward_passes=2)
-    return loss + options.r3f_lambda * regularizer, logs
+    # Both terms are means over the same scored tokens, so one share weighs them alike.
+    return (task + options.r3f_lambda * regularizer) * share, logs
+
+
+class Generation(Method):
+    """STD, STD++ or R3F for a seq2seq or decoder-only LM: ``generation_loss``.
+
+    ``num_items_in_batch`` is the Trainer's count of scored tokens over the accumulated
+    batch (see ``generation_loss``)."""
+
+    def loss(self, model, batch, num_items_in_batch=None):
+        return generation_loss(model, batch, self.options, num_items_in_batch)

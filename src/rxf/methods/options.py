@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from rxf.errors import OptionError
-from rxf.noise import NOISE_TYPES
+
+# Kept here, not in rxf.noise, so that reading the options (the CLI's --help) needs no torch.
+NOISE_TYPES = ("uniform", "normal")
 
 METHODS = ("std", "std++", "r3f", "r4f", "smart", "freelb")
 NORMS = ("inf", "l2")
@@ -50,10 +52,10 @@ class MethodOptions:
         "std++ (longer training, Zhang et al. 2020), 1.0 otherwise.",
     )
     # --- R3F / R4F ---------------------------------------------------------------
-    noise_type: str = _opt(
-        "uniform",
-        "R3F/R4F noise distribution on the word embeddings: uniform U(-eps, eps) or "
-        "normal N(0, eps^2). fairseq's default for classification is uniform.",
+    noise_type: str | None = _opt(
+        None,
+        "R3F/R4F noise distribution on the word embeddings: uniform U(-eps, eps) or normal "
+        "N(0, eps^2). Unset: uniform for classification, normal for generation (fairseq's defaults).",
         NOISE_TYPES,
     )
     noise_eps: float = _opt(1e-5, "R3F/R4F noise scale sigma (paper and fairseq: 1e-5).")
@@ -118,6 +120,11 @@ class MethodOptions:
             return self.adam_bias_correction
         return self.method != "std"
 
+    def resolved_noise_type(self, generation: bool = False) -> str:
+        if self.noise_type is not None:
+            return self.noise_type
+        return "normal" if generation else "uniform"
+
     def resolved_length_factor(self) -> float:
         if self.train_length_factor is not None:
             return self.train_length_factor
@@ -132,7 +139,8 @@ class MethodOptions:
             if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
                 raise OptionError(f"{_flag(f.name)} must be a finite number, got {value}")
         _choice("method", self.method, METHODS)
-        _choice("noise_type", self.noise_type, NOISE_TYPES)
+        if self.noise_type is not None:
+            _choice("noise_type", self.noise_type, NOISE_TYPES)
         _choice("r4f_scope", self.r4f_scope, R4F_SCOPES)
         _choice("smart_norm", self.smart_norm, NORMS)
         _choice("freelb_norm", self.freelb_norm, NORMS)

@@ -31,7 +31,7 @@ def noised(options: MethodOptions):
 
     def perturb(e: torch.Tensor) -> torch.Tensor:
         base = e.detach() if options.r3f_detach_embeddings else e
-        return base + sample_noise(e, options.noise_type, options.noise_eps)
+        return base + sample_noise(e, options.resolved_noise_type(generation=False), options.noise_eps)
 
     return perturb
 

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
 from rxf.errors import OptionError
 
 
@@ -63,13 +59,18 @@ class ClassificationTask:
         return {"accuracy": "accuracy", "f1_accuracy": "accuracy", "matthews": "matthews_correlation",
                 "pearson_spearman": "pearson"}[self.metric]
 
-    def compute_metrics(self, predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
+    def compute_metrics(self, predictions, references) -> dict[str, float]:
         """Metrics from (N,) predicted labels (or scores) and (N,) references."""
         return compute_metric(self.metric, predictions, references)
 
 
-def compute_metric(metric: str, predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
+def compute_metric(metric: str, predictions, references) -> dict[str, float]:
     """GLUE metrics, as fractions in [0, 1] (correlations in [-1, 1])."""
+    # Imported here: the task table is read by the CLI's --help, which should not wait for them.
+    import numpy as np
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     predictions, references = np.asarray(predictions), np.asarray(references)
     if metric == "pearson_spearman":
         return {
