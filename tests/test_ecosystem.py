@@ -1,14 +1,11 @@
-"""The examples, PEFT/LoRA with R4F, TensorBoard logging, and shared sweeps."""
+"""The examples, PEFT/LoRA with R4F, and TensorBoard logging (shared sweeps: test_sweep.py)."""
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_experiments import TINY_RUN, glue_like  # noqa: F401  (fixture)
 from transformers import AutoTokenizer, default_data_collator
 
 from rxf import RXFConfig, RXFTrainer
@@ -87,54 +84,3 @@ def test_tensorboard_gets_the_regularizer(tmp_path):
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
     assert {"train/regularizer", "train/task_loss", "train/forward_passes"} <= tags
-
-
-def test_two_sweep_workers_share_one_budget(tiny_checkpoint, glue_like, tmp_path):  # noqa: F811
-    import optuna
-    from optuna.trial import TrialState
-
-    out = tmp_path / "sweep"
-    out.mkdir()
-    storage = f"sqlite:///{out / 'shared.db'}"
-    args = [sys.executable, "-m", "rxf.cli", "sweep", "--tasks", "sst2", "--methods", "r3f", "--budget", "4",
-            "--storage", storage, "--model", str(tiny_checkpoint), "--data-dir", str(glue_like),
-            "--space", '{"learning_rate": [1e-3, 5e-4, 3e-4, 1e-4, 5e-5], "r3f_lambda": [0.1, 0.5, 1.0, 5.0]}', *TINY_RUN]
-    workers = [subprocess.Popen([*args, "--output-dir", str(out / f"w{i}"), "--sampler-seed", str(i)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"}) for i in range(2)]
-    for worker in workers:
-        _, err = worker.communicate(timeout=600)
-        assert worker.returncode == 0, err[-2000:]
-    study = optuna.load_study(study_name="sst2-r3f", storage=storage)
-    complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) == 4
-    assert len({t.number for t in complete}) == 4
-    assert not study.get_trials(states=(TrialState.RUNNING,))
-    best = [json.loads((out / f"w{i}" / "best_configs.json").read_text()) for i in range(2)]
-    assert any(b["sst2"]["r3f"]["trials"] == 4 for b in best)
-
-
-def test_open_study_retries_when_another_worker_is_creating_the_schema(tmp_path, monkeypatch):
-    """Two workers on a new database race to create Optuna's schema; the loser's error
-    (here raised once, as CI saw it) must turn into a retry that loads the study."""
-    import optuna
-    import sqlalchemy.exc
-
-    from rxf.experiments import sweep
-
-    real, calls = optuna.create_study, []
-
-    def racing(**kwargs):
-        calls.append(kwargs["study_name"])
-        if len(calls) == 1:
-            raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
-        return real(**kwargs)
-
-    monkeypatch.setattr(optuna, "create_study", racing)
-    monkeypatch.setattr(sweep.time, "sleep", lambda s: None)
-    study = sweep.open_study("sst2-r3f", f"sqlite:///{tmp_path / 'shared.db'}")
-    assert calls == ["sst2-r3f", "sst2-r3f"] and study.study_name == "sst2-r3f"
-    monkeypatch.setattr(optuna, "create_study", lambda **kw: (_ for _ in ()).throw(
-        sqlalchemy.exc.OperationalError("CREATE TABLE", {}, Exception("database is locked"))))
-    with pytest.raises(sqlalchemy.exc.OperationalError):  # a lasting failure still surfaces
-        sweep.open_study("sst2-r3f", f"sqlite:///{tmp_path / 'shared.db'}", attempts=2)

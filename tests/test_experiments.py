@@ -1,11 +1,9 @@
-"""rxf compare, report, sweep, cost and xnli with a tiny model."""
+"""rxf compare, report, cost and xnli with a tiny model (rxf sweep: test_sweep.py)."""
 
 import json
-import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -67,55 +65,6 @@ def test_compare_runs_the_grid_and_reports(tiny_checkpoint, glue_like, tmp_path,
     merged = tmp_path / "merged"
     assert main(["report", "--runs", str(out / "runs"), "--output-dir", str(merged)]) == 0
     assert json.loads((merged / "report.json").read_text())["summary"] == report
-
-
-def sweep_args(tiny_checkpoint, glue_like, out):
-    return ["sweep", "--tasks", "sst2", "--methods", "std,r3f", "--budget", "3", "--model", str(tiny_checkpoint),
-            "--data-dir", str(glue_like), "--output-dir", str(out),
-            "--space", '{"learning_rate": [1e-3, 3e-4, 1e-4], "r3f_lambda": [0.1, 1.0]}', *TINY_RUN]
-
-
-def complete_trials(out: Path, study: str) -> list:
-    import optuna
-    from optuna.trial import TrialState
-
-    loaded = optuna.load_study(study_name=study, storage=f"sqlite:///{out / 'sweep.db'}")
-    return loaded.get_trials(states=(TrialState.COMPLETE,))
-
-
-def test_sweep_runs_the_budget_per_method_and_resumes(tiny_checkpoint, glue_like, tmp_path):
-    out = tmp_path / "sweep"
-    args = [sys.executable, "-m", "rxf.cli", *sweep_args(tiny_checkpoint, glue_like, out)]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list(out.glob("trials/sst2/std/*/results.json")) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.1)
-    assert process.poll() is None, "the sweep ended before it could be interrupted"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    first = list(out.glob("trials/sst2/std/*/results.json"))
-    assert first
-    first_mtime = first[0].stat().st_mtime_ns
-
-    assert main(sweep_args(tiny_checkpoint, glue_like, out)) == 0
-    for method in ("std", "r3f"):
-        trials = complete_trials(out, f"sst2-{method}")
-        assert len(trials) == 3
-        assert all(trial.params for trial in trials)
-    assert first[0].stat().st_mtime_ns == first_mtime  # the finished trial was not run again
-    best = json.loads((out / "best_configs.json").read_text())
-    assert set(best["sst2"]) == {"std", "r3f"} and best["sst2"]["r3f"]["trials"] == 3
-    assert set(best["sst2"]["std"]["params"]) == {"learning_rate"}
-    assert set(best["sst2"]["r3f"]["params"]) == {"learning_rate", "r3f_lambda", "noise_type"}
-
-    # The best configuration feeds rxf compare.
-    cmp = tmp_path / "cmp"
-    assert main(["compare", "--tasks", "sst2", "--methods", "r3f", "--seeds", "1", "--model", str(tiny_checkpoint),
-                 "--data-dir", str(glue_like), "--configs", str(out / "best_configs.json"), "--output-dir", str(cmp),
-                 *TINY_RUN]) == 0
-    run = json.loads((cmp / "runs/sst2/r3f/seed1/results.json").read_text())
-    assert run["config"]["r3f_lambda"] == best["sst2"]["r3f"]["params"]["r3f_lambda"]
-    assert run["config"]["learning_rate"] == best["sst2"]["r3f"]["params"]["learning_rate"]
 
 
 def test_cost_counts_the_paper_table_passes(tiny_checkpoint, capsys):

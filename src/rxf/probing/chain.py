@@ -30,12 +30,13 @@ DEFAULT_CHAIN = ("sst2", "qnli", "qqp", "rte")
 
 
 def _probe(folder: Path, checkpoint: str, task: str, data: dict, base: FinetuneSpec) -> dict:
-    """Probe ``task`` with the frozen ``checkpoint``; stored in ``folder`` and reused."""
-    path = folder / f"probe-{task}.json"
+    """Probe ``task`` with the frozen ``checkpoint``; stored beside the stage's ``folder``
+    (not in it: a run folder holds one run) and reused."""
+    path = folder.with_name(f"{folder.name}.probe-{task}.json")
     if path.is_file():
         return json.loads(path.read_text())
     result = probe_checkpoint(checkpoint, get_task(task), data[task], base.seed, base.max_length)
-    folder.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, result)
     return result
 
