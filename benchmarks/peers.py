@@ -32,8 +32,15 @@ import torch
 import torch.nn.functional as F
 
 from rxf.methods import MethodOptions
-from rxf.models import forward_embeds
+from rxf.models import model_inputs
 from rxf.noise import sample_noise
+
+
+def forward_embeds(model: torch.nn.Module, embeds: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The peers' path: word embeddings looked up outside the model and fed back as
+    ``inputs_embeds`` (as fairseq's and smart-pytorch's code does; rxf perturbs inside the
+    model's forward instead)."""
+    return model(inputs_embeds=embeds, **{k: v for k, v in model_inputs(batch).items() if k != "input_ids"}).logits
 
 
 class _CountingRunner:
@@ -127,7 +134,7 @@ class FairseqR3FRunner(_CountingRunner):
         super().__init__(name, options, model, batch)
         self.autocast = autocast
         eps = options.noise_eps
-        self.sampler = (torch.distributions.Normal(0.0, eps) if options.noise_type == "normal"
+        self.sampler = (torch.distributions.Normal(0.0, eps) if options.resolved_noise_type() == "normal"
                         else torch.distributions.Uniform(-eps, eps))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         self.logged = 0.0
@@ -169,7 +176,7 @@ class NoGradForwardRunner(_CountingRunner):
     def _step(self) -> int:
         with torch.no_grad(), self.autocast:
             embeds = self.model.get_input_embeddings()(self.batch["input_ids"])
-            forward_embeds(self.model, embeds + sample_noise(embeds, self.options.noise_type, self.options.noise_eps),
+            forward_embeds(self.model, embeds + sample_noise(embeds, self.options.resolved_noise_type(), self.options.noise_eps),
                            self.batch)
         return 0
 

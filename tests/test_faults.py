@@ -376,3 +376,12 @@ def test_only_the_newest_checkpoint_keeps_the_optimizer_and_a_finished_run_drops
     assert [(c / "optimizer.pt").exists() for c in checkpoints] == [False] * (len(checkpoints) - 1) + [True]
     assert main(finetune(tiny_checkpoint, dropped, *args)) == 0
     assert sorted(p.name for p in dropped.iterdir()) == ["best", "results.json", "run.json"]
+
+
+def test_the_last_update_is_always_evaluated(tiny_checkpoint, tmp_path):
+    """"final" is the final model's score even when the length is no multiple of --eval-steps."""
+    out = tmp_path / "run"
+    assert main(finetune(tiny_checkpoint, out, "--method", "std", "--max-steps", "5", "--eval-steps", "2")) == 0
+    results = strict_json(out / "results.json")
+    assert [e["step"] for e in results["history"]] == [2, 4, 5]
+    assert results["final"]["dev"]["loss"] == results["history"][-1]["eval_dev_loss"]

@@ -167,3 +167,20 @@ def test_probe_base_minilm_on_real_glue(data_dir, minilm_path, tmp_path):
     assert all(layer["cka"] == pytest.approx(1.0) for layer in report["drift"]["checkpoints"]["pre-trained"])
     assert plt.imread(out / "probe.png").ndim == 3 and plt.imread(out / "cka.png").ndim == 3
     assert "| pre-trained |" in (out / "probe.md").read_text()
+
+
+def test_probe_every_run_of_a_compare_with_mean_and_std_per_method(tiny_checkpoint, glue_like, tmp_path):  # noqa: F811
+    runs = tmp_path / "compare"
+    assert main(["compare", "--tasks", "sst2", "--methods", "std,r3f", "--seeds", "1,2", "--model", str(tiny_checkpoint),
+                 "--data-dir", str(glue_like), "--output-dir", str(runs), "--max-steps", "2", *TINY_RUN]) == 0
+    out = tmp_path / "probe"
+    assert main(["probe", "--runs", str(runs), "--include-base", "--tasks", "sst2,rte", "--model", str(tiny_checkpoint),
+                 "--data-dir", str(glue_like), "--output-dir", str(out), "--max-length", "48"]) == 0
+    report = json.loads((out / "probe.json").read_text())
+    assert set(report["probes"]) == {"pre-trained", "std/seed1", "std/seed2", "r3f/seed1", "r3f/seed2"}
+    for method in ("std", "r3f"):
+        scores = [report["probes"][f"{method}/seed{s}"]["rte"]["score"] for s in (1, 2)]
+        group = report["groups"][method]["rte"]
+        assert group["n"] == 2 and group["mean"] == pytest.approx(np.mean(scores))
+        assert group["std"] == pytest.approx(np.std(scores, ddof=1))
+    assert "| std | " in (out / "probe.md").read_text() and plt.imread(out / "probe.png").ndim == 3

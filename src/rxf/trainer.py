@@ -191,6 +191,11 @@ class RXFTrainer(Trainer):
         self._update_finite = finite if self._update_finite is None else self._update_finite & finite
         return loss
 
+    def _training_batches(self):
+        """The training batches on the model's device, for ``Method.prepare``."""
+        for batch in self.get_train_dataloader():
+            yield self._prepare_inputs(batch)
+
     # --- non-finite updates ------------------------------------------------------------
     def _guard_update(self) -> None:
         """Before the optimiser step: drop a non-finite update's gradients (AdamW leaves a
@@ -328,16 +333,25 @@ def _weights_finite(model: torch.nn.Module) -> bool:
 
 class _MethodHooks(TrainerCallback):
     """The method's hooks around the optimiser step: the non-finite guard before it,
-    ``after_step`` (SMART: move the teacher) after it."""
+    ``after_step`` (SMART: move the teacher) after it; and an evaluation of the last update."""
 
     def __init__(self, trainer: RXFTrainer):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # After a resume's checkpoint was loaded: a method whose state came with it skips this.
+        self.trainer.method.prepare(self.trainer.model, self.trainer._training_batches())
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._guard_update()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.method.after_step(self.trainer.model, state.global_step, state.max_steps)
+        if state.global_step == state.max_steps and args.eval_strategy != "no":
+            # The last update is always evaluated (and checkpointed): "final" metrics are the
+            # final model's, whether or not the run's length is a multiple of eval_steps.
+            control.should_evaluate = True
+            control.should_save = args.save_strategy != "no"
 
 
 class _TrainClock(TrainerCallback):

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from rxf.errors import DataError, OptionError
+from rxf.experiments.parallel import run_jobs
 from rxf.experiments.report import write_report
 from rxf.finetune import RESULTS, FinetuneSpec, run_finetune
 from rxf.methods.options import METHODS, MethodOptions, method_option_names
@@ -51,10 +52,10 @@ def configure(base: FinetuneSpec, options: MethodOptions, task: str, method: str
 
 def run_compare(
     out: Path, tasks: list[str], methods: list[str], seeds: list[int], base: FinetuneSpec,
-    options: MethodOptions, best_configs: dict | None = None,
+    options: MethodOptions, best_configs: dict | None = None, jobs: int = 1,
 ) -> dict:
-    """Run (or skip, when finished) every task × method × seed, then write the report in
-    ``out``. Returns the report's summary."""
+    """Run (or skip, when finished) every task × method × seed, ``jobs`` at a time, then
+    write the report in ``out``. Returns the report's summary."""
     for method in methods:
         if method not in METHODS:
             raise OptionError(f"--methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -63,11 +64,14 @@ def run_compare(
                for t, m, s in grid]
     for spec, opts in planned:  # every option checked before the first run starts
         opts.validate()
+    calls = []
     for i, (spec, opts) in enumerate(planned, start=1):
         done = (Path(spec.output_dir) / RESULTS).is_file()
         print(f"rxf compare [{i}/{len(planned)}] {spec.task} {opts.method} seed {spec.seed}: "
-              f"{'finished, checking it is this run' if done else 'running'}", flush=True)
+              f"{'finished, checking it is this run' if done else 'to run'}", flush=True)
         # Always through run_finetune: a finished folder is returned only if it holds this
-        # very run (same options and data), never a stale one.
-        run_finetune(spec, opts)
+        # very run (same options and data), never a stale one. Several jobs share one
+        # terminal: no progress bars then.
+        calls.append((dataclasses.replace(spec, progress=spec.progress and jobs == 1), opts))
+    run_jobs(run_finetune, calls, jobs)
     return write_report(Path(out) / "runs", out)

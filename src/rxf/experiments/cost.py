@@ -30,10 +30,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from rxf.methods import MethodOptions, build_method
 
-# Paper's Table 1: (forward, backward) per update, S = ascent steps.
+# Paper's Table 1: (forward, backward) per update, S = ascent steps. The regularisers that
+# followed have no such table; their rows are what each algorithm implies: R-Drop two
+# forward passes and one backward through both, the modifiers none beyond their loss's
+# (a composite is counted by its loss, ``options.method``; Child-Tuning-D's one-off Fisher
+# pass runs before the measured updates).
 PAPER_PASSES = {
     "std": lambda o: (1, 1), "std++": lambda o: (1, 1), "r3f": lambda o: (2, 1), "r4f": lambda o: (2, 1),
     "smart": lambda o: (1 + o.smart_steps, 1 + o.smart_steps), "freelb": lambda o: (o.freelb_steps, o.freelb_steps),  # the paper's 1+S with K = 1+S steps
+    "rdrop": lambda o: (2, 1),
+    **{name: (lambda o: (1, 1)) for name in ("neftune", "noisytune", "hype", "childtune", "mixout")},
+}
+# The regularisers' rows of ``method_grid(regularisers=True)``: row name -> options.
+REGULARISER_ROWS = {
+    **{name: {"method": name} for name in ("rdrop", "neftune", "noisytune", "hype", "childtune", "mixout")},
+    "childtune-f": {"method": "childtune", "childtune_mode": "f"},
+    "r3f+noisytune": {"method": "r3f", "extras": "noisytune"},
 }
 
 
@@ -57,6 +69,8 @@ class UpdateRunner:
         self.model = copy.deepcopy(self.model).train()
         self.method = build_method(self.options, self.model)
         self.method.setup(self.model)
+        # Child-Tuning-D's one-off Fisher pass, before (and outside) the measured updates.
+        self.method.prepare(self.model, [self.batch])
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
 
     def update(self) -> None:
@@ -180,10 +194,12 @@ def table(rows: list[dict]) -> str:
 
 
 def method_grid(smart_steps=(1, 2), freelb_steps=(2, 3), base: MethodOptions | None = None,
-                r3f_variants: bool = False) -> dict[str, MethodOptions]:
+                r3f_variants: bool = False, regularisers: bool = False) -> dict[str, MethodOptions]:
     """STD first (the baseline), then R3F, R4F, SMART and FreeLB at several step counts;
     with ``r3f_variants`` also R3F with a gradient-free noised pass, as one 2B batch and as
-    two passes of B (plain ``r3f`` uses the device's default, see ``r3f_concat_batch``)."""
+    two passes of B (plain ``r3f`` uses the device's default, see ``r3f_concat_batch``);
+    with ``regularisers`` also R-Drop, NEFTune, NoisyTune, HyPe, Child-Tuning (D and F),
+    Mixout and one composite, R3F + NoisyTune (``REGULARISER_ROWS``)."""
     import dataclasses
 
     base = base or MethodOptions()
@@ -196,6 +212,9 @@ def method_grid(smart_steps=(1, 2), freelb_steps=(2, 3), base: MethodOptions | N
         grid[f"smart{s}"] = dataclasses.replace(base, method="smart", smart_steps=s)
     for k in freelb_steps:
         grid[f"freelb{k}"] = dataclasses.replace(base, method="freelb", freelb_steps=k)
+    if regularisers:
+        for name, overrides in REGULARISER_ROWS.items():
+            grid[name] = dataclasses.replace(base, **overrides)
     return grid
 
 

@@ -20,7 +20,8 @@ from rxf.errors import DataError
 from rxf.finetune import RESULTS
 from rxf.jsonio import write_json_atomic
 
-METHOD_ORDER = ("std", "std++", "r3f", "r4f", "smart", "freelb")
+METHOD_ORDER = ("std", "std++", "r3f", "r4f", "smart", "freelb", "rdrop", "neftune", "noisytune", "hype", "childtune",
+                "mixout")
 
 
 def collect(folder: Path) -> list[dict]:

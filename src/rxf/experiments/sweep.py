@@ -50,8 +50,16 @@ DEFAULT_SPACES: dict[str, dict[str, list]] = {
     "r4f": {"learning_rate": LEARNING_RATES, "r3f_lambda": [0.1, 0.5, 1.0, 5.0], "noise_type": ["normal", "uniform"]},
     "smart": {"learning_rate": LEARNING_RATES, "smart_lambda": [1.0, 3.0, 5.0]},
     "freelb": {"learning_rate": LEARNING_RATES, "freelb_step_size": [0.03, 0.05, 0.1], "freelb_steps": [2, 3]},
+    # The regularisers that followed R3F, each with its paper's search (docs/methods.md).
+    "rdrop": {"learning_rate": LEARNING_RATES, "rdrop_alpha": [0.1, 0.5, 1.0]},
+    "neftune": {"learning_rate": LEARNING_RATES, "neftune_alpha": [5.0, 10.0, 15.0]},
+    "noisytune": {"learning_rate": LEARNING_RATES, "noisytune_lambda": [0.1, 0.15, 0.2]},
+    "hype": {"learning_rate": LEARNING_RATES, "hype_noise_type": ["normal", "uniform"]},
+    "childtune": {"learning_rate": LEARNING_RATES, "childtune_reserve": [0.1, 0.2, 0.3]},
+    "mixout": {"learning_rate": LEARNING_RATES, "mixout_p": [0.7, 0.8, 0.9]},
 }
-_PREFIXES = {"r3f": ("r3f_", "noise_"), "r4f": ("r3f_", "noise_", "r4f_"), "smart": ("smart_",), "freelb": ("freelb_",)}
+_PREFIXES = {"r3f": ("r3f_", "noise_"), "r4f": ("r3f_", "noise_", "r4f_"), "smart": ("smart_",), "freelb": ("freelb_",),
+             **{name: (f"{name}_",) for name in ("rdrop", "neftune", "noisytune", "hype", "childtune", "mixout")}}
 
 # Proposals of taken configurations in a row after which an untried one is queued: TPE over
 # a small categorical space keeps coming back to its favourites.
@@ -408,9 +416,22 @@ def write_best_configs(path: Path, storage: str, pairs: list[tuple[str, str]]) -
 
 def run_sweep(
     out: Path, tasks: list[str], methods: list[str], budget: int, base: FinetuneSpec, options: MethodOptions,
-    storage: str | None = None, space_override: dict | None = None, seed: int = 0,
+    storage: str | None = None, space_override: dict | None = None, seed: int = 0, jobs: int = 1,
 ) -> dict:
-    """Sweep every task and method with the same budget; write best_configs.json."""
+    """Sweep every task and method with the same budget; write best_configs.json. With
+    ``jobs`` > 1, that many workers share each study (``rxf.experiments.parallel``)."""
+    if jobs > 1:
+        from rxf.experiments.parallel import run_jobs
+
+        base = dataclasses.replace(base, progress=False)
+        storage = storage or f"sqlite:///{(Path(out) / 'sweep.db').resolve()}"
+        Path(out).mkdir(parents=True, exist_ok=True)
+        # Different sampler seeds: workers proposing the same sequence would mostly collide.
+        calls = [(out, tasks, methods, budget, base, options, storage, space_override, seed + worker)
+                 for worker in range(jobs)]
+        run_jobs(run_sweep, calls, jobs)
+        # Rebuilt once every worker has ended: each one wrote the file from what it saw.
+        return write_best_configs(Path(out) / "best_configs.json", storage, [(t, m) for t in tasks for m in methods])
     if budget < 1:
         raise OptionError(f"--budget must be >= 1, got {budget}")
     for method in methods:

@@ -7,6 +7,7 @@ place each:
 
     method = build_method(options)         # rxf.methods
     method.setup(model)                    # before the optimiser is built (R4F: normalise the head)
+    method.prepare(model, batches)         # with training batches (Child-Tuning-D: the Fisher mask)
     loss, logs = method.step(model, batch, backward)   # one (micro-)batch: loss and backward
     optimizer.step(); method.after_step(model, step, total_steps)   # SMART: move the teacher
     method.before_eval(model)              # before evaluating or saving (R4F: settle sigma)
@@ -61,6 +62,11 @@ class Method:
         loss, logs = self.loss(model, batch)
         backward(loss)
         return loss.detach(), logs
+
+    def prepare(self, model: nn.Module, batches) -> None:
+        """Before the first update, with an iterable of training batches (Child-Tuning-D
+        measures its Fisher information here); the trainer calls it after a resume too,
+        when a method whose state was loaded has nothing left to do."""
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """After each optimiser step; ``step`` counts the updates done."""

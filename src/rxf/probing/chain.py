@@ -19,6 +19,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from rxf.experiments.parallel import run_jobs
 from rxf.finetune import FinetuneSpec, run_finetune
 from rxf.jsonio import write_json_atomic
 from rxf.methods.options import MethodOptions
@@ -59,23 +60,31 @@ def _base_model(base: FinetuneSpec) -> str:
     return default_model_path()
 
 
-def run_chain(out: Path, tasks: list[str], methods: list[str], base: FinetuneSpec, options: MethodOptions,
-              task_data: dict[str, str] | None = None) -> dict:
-    """Fine-tune along ``tasks`` with each method and probe ``tasks[0]`` after each stage."""
-    out = Path(out)
+def _chain(out: Path, method: str, tasks: list[str], base: FinetuneSpec, options: MethodOptions,
+           task_data: dict | None) -> list[dict]:
+    """One method's chain: the source task's probe before the first stage and after each."""
     source = tasks[0]
     data = {source: task_splits(source, base, task_data)}
-    for task in tasks[1:]:
+    checkpoint = _base_model(base)
+    stages = [{"stage": "pre-trained", **_probe(out / method / "stage00-pretrained", checkpoint, source, data, base)}]
+    for index, task in enumerate(tasks, start=1):
+        folder = out / method / f"stage{index:02d}-{task}"
+        checkpoint = _stage(folder, method, index, task, checkpoint, base, options, task_data)
+        stages.append({"stage": f"after {task}", **_probe(Path(checkpoint).parent, checkpoint, source, data, base)})
+    return stages
+
+
+def run_chain(out: Path, tasks: list[str], methods: list[str], base: FinetuneSpec, options: MethodOptions,
+              task_data: dict[str, str] | None = None, jobs: int = 1) -> dict:
+    """Fine-tune along ``tasks`` with each method (``jobs`` methods at a time) and probe
+    ``tasks[0]`` after each stage."""
+    out = Path(out)
+    source = tasks[0]
+    for task in tasks:
         task_splits(task, base, task_data)  # check every stage's data before training starts
-    report = {"tasks": tasks, "source": source, "methods": {}}
-    for method in methods:
-        checkpoint = _base_model(base)
-        stages = [{"stage": "pre-trained", **_probe(out / method / "stage00-pretrained", checkpoint, source, data, base)}]
-        for index, task in enumerate(tasks, start=1):
-            folder = out / method / f"stage{index:02d}-{task}"
-            checkpoint = _stage(folder, method, index, task, checkpoint, base, options, task_data)
-            stages.append({"stage": f"after {task}", **_probe(Path(checkpoint).parent, checkpoint, source, data, base)})
-        report["methods"][method] = stages
+    base = dataclasses.replace(base, progress=base.progress and jobs == 1)
+    chains = run_jobs(_chain, [(out, method, tasks, base, options, task_data) for method in methods], jobs)
+    report = {"tasks": tasks, "source": source, "methods": dict(zip(methods, chains))}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "chain.json", report)
     labels = [s["stage"] for s in next(iter(report["methods"].values()))]

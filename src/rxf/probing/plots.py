@@ -10,13 +10,17 @@ from rxf.plotting import plt, save_figure
 
 
 def plot_probes(report: dict, path: Path) -> None:
-    """Grouped bars: probe score per task (groups) and checkpoint (bars); majority as a dash."""
+    """Grouped bars: probe score per task (groups of bars) and method or checkpoint (bars:
+    the mean over a method's seeds, with their standard deviation); majority as a dash."""
     tasks, probes = report["tasks"], report["probes"]
-    width = 0.8 / max(len(probes), 1)
+    groups = report.get("groups") or {name: {t: {"mean": p[t]["score"], "std": 0.0} for t in tasks}
+                                      for name, p in probes.items()}
+    width = 0.8 / max(len(groups), 1)
     fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(tasks), 3.8))
-    for i, (name, by_task) in enumerate(probes.items()):
-        x = np.arange(len(tasks)) + (i - (len(probes) - 1) / 2) * width
-        ax.bar(x, [100 * by_task[t]["score"] for t in tasks], width, label=name)
+    for i, (name, by_task) in enumerate(groups.items()):
+        x = np.arange(len(tasks)) + (i - (len(groups) - 1) / 2) * width
+        ax.bar(x, [100 * by_task[t]["mean"] for t in tasks], width, label=name,
+               yerr=[100 * by_task[t]["std"] for t in tasks], capsize=2)
     first = next(iter(probes.values()))
     for j, task in enumerate(tasks):
         if first[task]["majority"] is not None:

@@ -15,6 +15,7 @@ class. With a reference model, per-layer linear CKA and effective rank
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def run_probe(
         loaded = load_encoder(checkpoint, base.trust_remote_code)
         results[name] = {task: probe_checkpoint(checkpoint, get_task(task), data[task], base.seed, base.max_length,
                                                 pooling, loaded) for task in tasks}
-    report = {"checkpoints": checkpoints, "tasks": tasks, "probes": results}
+    report = {"checkpoints": checkpoints, "tasks": tasks, "probes": results, "groups": group_scores(results, tasks)}
     if reference is not None:
         report["drift"] = drift_report(reference, checkpoints, data[tasks[0]], base, cka_samples)
     out = Path(out)
@@ -119,6 +120,36 @@ def run_probe(
     if "drift" in report:
         plot_cka(report["drift"], out / "cka.png")
     return report
+
+
+def checkpoints_from_runs(folder: str | Path) -> dict[str, str]:
+    """``{"<method>/seed<N>": best/}`` for every finished run below ``folder`` (an
+    ``rxf compare`` output), in a stable order."""
+    found = {}
+    for path in sorted(Path(folder).rglob("results.json")):
+        best = path.parent / "best"
+        if best.is_dir():
+            results = json.loads(path.read_text())
+            found[f"{results['method']}/seed{results['seed']}"] = str(best)
+    return found
+
+
+def group_scores(probes: dict, tasks: list[str]) -> dict:
+    """Per group of checkpoints (the part of a name before "/", e.g. the method of
+    "r3f/seed2"), the mean, standard deviation (ddof 1) and count of each task's probe
+    score, and of its training score."""
+    groups: dict[str, list[dict]] = {}
+    for name, by_task in probes.items():
+        groups.setdefault(name.split("/")[0], []).append(by_task)
+    summary = {}
+    for group, members in groups.items():
+        summary[group] = {}
+        for task in tasks:
+            scores = np.array([m[task]["score"] for m in members])
+            train = np.array([m[task]["train_score"] for m in members])
+            summary[group][task] = {"mean": float(scores.mean()), "std": float(scores.std(ddof=1)) if len(scores) > 1
+                                    else 0.0, "n": len(scores), "train_mean": float(train.mean())}
+    return summary
 
 
 def drift_report(reference: str, checkpoints: dict[str, str], splits: dict[str, Examples], base: FinetuneSpec,
@@ -147,6 +178,14 @@ def probe_table(report: dict) -> str:
             f"{100 * by_task[t]['score']:.1f} ({100 * by_task[t]['train_score']:.1f})" for t in tasks) + " |")
     lines.append("| majority class | " + " | ".join(
         f"{100 * first[t]['majority']:.1f}" if first[t]["majority"] is not None else "–" for t in tasks) + " |")
+    groups = report.get("groups", {})
+    if any(g[tasks[0]]["n"] > 1 for g in groups.values()):
+        lines += ["", "By method, over seeds: mean ± std of the dev score ×100 (n; mean training score)", "",
+                  "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for group, by_task in groups.items():
+            lines.append(f"| {group} | " + " | ".join(
+                f"{100 * by_task[t]['mean']:.1f} ± {100 * by_task[t]['std']:.1f} ({by_task[t]['n']}; "
+                f"{100 * by_task[t]['train_mean']:.1f})" for t in tasks) + " |")
     text = ("Linear probe on the frozen encoder: dev score ×100 (training score in brackets; regularisation chosen "
             "by 5-fold cross-validation on the training features)\n\n" + "\n".join(lines) + "\n")
     if "drift" in report:
