@@ -152,3 +152,20 @@ def test_issue_command_on_real_rte_with_minilm(data_dir, minilm_path, tmp_path):
     assert RESULT_FIELDS <= set(results)
     assert results["updates"] == 8 and results["data"]["dev"]["examples"] == 128
     assert Path(results["model"]) == minilm_path
+
+
+def test_a_run_prints_one_bar_one_line_per_evaluation_and_no_library_noise(tiny_checkpoint, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "rxf.cli", *finetune_args(tiny_checkpoint, tmp_path / "run", "--method", "r3f",
+                                                            "--max-steps", "4", "--eval-steps", "2",
+                                                            "--max-train-samples", "32", "--max-eval-samples", "16")]
+    args.remove("--no-progress")
+    run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    output = run.stdout + run.stderr
+    for noise in ("LOAD REPORT", "\x1b[", "pin_memory", "'eval_dev_loss'", "Writing model shards", "Saving the dataset"):
+        assert noise not in output, noise
+    assert output.count("rxf: new weights, initialised at random (the task head): classifier.bias, classifier.weight") == 1
+    assert "update 2/4: dev loss" in output and "update 4/4: dev loss" in output
+    assert "regularizer=" in run.stderr  # the bar shows the loss terms
+    assert "| dev |" in run.stdout

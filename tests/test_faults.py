@@ -34,12 +34,17 @@ def strict_json(path: Path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-def one_line_error(capsys, *words):
+def one_line_error(capsys, *words, alone=True):
+    """The run's error: one line, the last one, no traceback; ``alone``: nothing else was
+    printed (a refusal before training), else progress lines of a run that trained may
+    come before it."""
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, err
+    assert not alone or err.count("\n") == 0, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0] and "Traceback" not in err, err
     for word in words:
-        assert word in err, err
-    return err
+        assert word in errors[0], err
+    return errors[0]
 
 
 # --- 1. STS-B, a regression task, end to end ---------------------------------------------
@@ -204,7 +209,7 @@ def test_a_diverging_run_stops_with_an_error_and_keeps_nothing_as_best(tiny_chec
     args = finetune(tiny_checkpoint, out, "--max-steps", "12", "--eval-steps", "4")
     args[args.index("--learning-rate"):args.index("--learning-rate") + 2] = []
     assert main([*args, *extra]) == 2
-    one_line_error(capsys, "diverged", "non-finite")
+    one_line_error(capsys, "diverged", "non-finite", alone=False)
     assert not (out / "results.json").exists() and not (out / "best").exists()
 
 
@@ -385,3 +390,16 @@ def test_the_last_update_is_always_evaluated(tiny_checkpoint, tmp_path):
     results = strict_json(out / "results.json")
     assert [e["step"] for e in results["history"]] == [2, 4, 5]
     assert results["final"]["dev"]["loss"] == results["history"][-1]["eval_dev_loss"]
+
+
+def test_an_option_added_later_at_its_default_does_not_make_a_run_another(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = finetune(tiny_checkpoint, out, "--method", "std", "--max-steps", "2")
+    assert main(args) == 0
+    record = json.loads((out / "run.json").read_text())
+    del record["spec"]["max_nonfinite_updates"], record["options"]["r3f_concat_batch"]  # as an older rxf wrote it
+    (out / "run.json").write_text(json.dumps(record))
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--max-nonfinite-updates", "3"]) == 2  # not at its default: another run
+    one_line_error(capsys, "max_nonfinite_updates")

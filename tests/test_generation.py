@@ -315,3 +315,35 @@ def test_default_options_give_normal_noise_for_generation_and_uniform_for_classi
     assert options.resolved_noise_type(generation=True) == "normal"
     assert options.resolved_noise_type(generation=False) == "uniform"
     assert MethodOptions(noise_type="uniform").resolved_noise_type(generation=True) == "uniform"
+
+
+def test_the_trainer_accumulates_generation_gradients_by_tokens(tmp_path):
+    """Through RXFTrainer: four micro-batches of 2, 7, 7, 7 scored tokens, accumulated into
+    one SGD update, move the weights as the full batch's token mean does."""
+    from rxf import RXFConfig, RXFTrainer
+
+    micro, full = accumulation_batches("gpt2")
+    model = tiny("gpt2").train()
+    expected_model = tiny("gpt2").train()
+    options = MethodOptions(method="std", label_smoothing=0.0)
+    loss, _ = generation_loss(expected_model, full, options)
+    expected = gradient(expected_model, [loss])
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(micro)
+
+        def __getitem__(self, i):
+            return {k: v[0] for k, v in micro[i].items()}
+
+    config = RXFConfig(output_dir=str(tmp_path), method="std", label_smoothing=0.0, per_device_train_batch_size=1,
+                       gradient_accumulation_steps=4, max_steps=1, learning_rate=1.0, lr_scheduler_type="constant",
+                       warmup_ratio=0.0, max_grad_norm=0.0, weight_decay=0.0, save_strategy="no", report_to="none",
+                       disable_tqdm=True, dataloader_pin_memory=False)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    trainer = RXFTrainer(model=model, args=config, train_dataset=Rows(), optimizers=(sgd, None),
+                         data_collator=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]})
+    trainer.train()
+    moved = before - torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert (moved - expected).abs().max().item() <= 1e-5

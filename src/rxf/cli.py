@@ -15,8 +15,9 @@ import sys
 import typing
 from pathlib import Path
 
-from rxf.errors import RXFError
+from rxf.errors import OptionError, RXFError
 from rxf.methods.options import MethodOptions
+from rxf.tasks.generic import GENERIC_TASKS
 from rxf.tasks.glue import GLUE_TASKS
 from rxf.tasks.summarization import SUMMARIZATION_TASKS
 
@@ -85,14 +86,53 @@ def spec_from(args: argparse.Namespace, task: str, output_dir: str):
     return FinetuneSpec(task=task, output_dir=output_dir, overwrite=getattr(args, "overwrite", False), **values)
 
 
+# The options of a task defined by the user's files (rxf.tasks.generic).
+_GENERIC_OPTIONS = ("text_columns", "label_column", "labels", "header", "main_metric")
+
+
+def _check_generic_options(args: argparse.Namespace, tasks: list[str]) -> None:
+    """Refuse --text-columns & co. when no task is classification/regression: a GLUE
+    task would ignore them (its columns are mapped with --columns)."""
+    if any(task in GENERIC_TASKS for task in tasks):
+        return
+    for name in _GENERIC_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None:
+            flag = "--no-header" if value is False else "--" + name.replace("_", "-")
+            raise OptionError(f"{flag}: applies to --task classification or regression (your own files); "
+                              f"{', '.join(tasks)} has its own columns, mapped with --columns")
+
+
+def _finetune_task(args: argparse.Namespace) -> str:
+    """--task; without one, classification on the files given with --train-file."""
+    task = args.task or ("classification" if args.train_file else None)
+    if task is None:
+        raise OptionError("--task: give a GLUE or summarisation task, or --train-file and --dev-file to fine-tune "
+                          "on your own files (classification; --task regression for scores)")
+    _check_generic_options(args, [task])
+    return task
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from rxf.finetune import run_finetune
 
-    results = run_finetune(spec_from(args, args.task, args.output_dir), method_options_from(args))
-    best = results["best"]
-    print(f"{results['task']} {results['method']} seed {results['seed']}: best {best} at update "
-          f"{results['best_step']} ({results['seconds_to_best']} s); results in {args.output_dir}/results.json")
+    task = _finetune_task(args)
+    results = run_finetune(spec_from(args, task, args.output_dir), method_options_from(args))
+    print(f"{results['task']} {results['method']} seed {results['seed']}: best checkpoint at update "
+          f"{results['best_step']} of {results['updates']} ({results['seconds_to_best']} s of training); "
+          f"results in {args.output_dir}/results.json")
+    print(metrics_table(results["best"]))
     return 0
+
+
+def metrics_table(by_split: dict[str, dict[str, float]]) -> str:
+    """{split: {metric: value}} as a small Markdown table (``null`` metrics as ``–``)."""
+    metrics = sorted({m for values in by_split.values() for m in values}, key=lambda m: (m == "loss", m))
+    rows = ["| split | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for split, values in by_split.items():
+        cells = [f"{values[m]:.4f}" if isinstance(values.get(m), (int, float)) else "–" for m in metrics]
+        rows.append(f"| {split} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def _split(text: str, option: str, kind=str) -> list:
@@ -105,21 +145,44 @@ def _split(text: str, option: str, kind=str) -> list:
     return items
 
 
-def _tasks(text: str) -> list[str]:
+def _tasks(text: str, args: argparse.Namespace) -> list[str]:
+    """The --tasks list: GLUE tasks, and where the command allows it one task on your own
+    files (classification or regression, see ``_check_generic_tasks``)."""
     tasks = _split(text, "--tasks")
     for task in tasks:
-        if task not in GLUE_TASKS:
-            raise RXFError(f"--tasks: unknown task {task!r}; choose from {', '.join(GLUE_TASKS)}")
+        if task not in GLUE_TASKS and task not in GENERIC_TASKS:
+            raise RXFError(f"--tasks: unknown task {task!r}; choose from {', '.join(GLUE_TASKS)}, "
+                           f"or {' or '.join(GENERIC_TASKS)} for your own files")
+    _check_generic_tasks(tasks, args.command)
+    _check_generic_options(args, tasks)
     return tasks
+
+
+def _check_generic_tasks(tasks: list[str], command: str) -> None:
+    """Where a task on your own files fits: alone in compare and sweep (it reads the
+    shared --train-file/--dev-file or --data-dir), once and after the probed source
+    task in a chain (its folder from --task-data classification=DIR). probe and cycle
+    probe every task with a GLUE task definition and take GLUE tasks only."""
+    generic = [task for task in tasks if task in GENERIC_TASKS]
+    if not generic:
+        return
+    if command in ("probe", "cycle"):
+        raise RXFError(f"--tasks: rxf {command} takes GLUE tasks only, not {generic[0]}")
+    if command in ("compare", "sweep") and len(tasks) > 1:
+        raise RXFError(f"--tasks: {generic[0]} reads --train-file/--dev-file (or --data-dir): give it as the only task")
+    if command == "chain" and (tasks[0] in GENERIC_TASKS or len(generic) > 1):
+        raise RXFError("--tasks: in a chain, a task on your own files is one stage after the first (probed) task, "
+                       "reading its folder from --task-data NAME=DIR")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from rxf.experiments.compare import load_best_configs, run_compare
 
-    tasks = _tasks(args.tasks)
+    tasks = _tasks(args.tasks, args)
     summary = run_compare(
         args.output_dir, tasks, _split(args.methods, "--methods"), _split(args.seeds, "--seeds", int),
         spec_from(args, tasks[0], args.output_dir), method_options_from(args), load_best_configs(args.configs),
+        args.jobs,
     )
     print((Path(args.output_dir) / "report.md").read_text())
     return 0 if summary else 1
@@ -136,10 +199,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from rxf.experiments.sweep import parse_space, run_sweep
 
-    tasks = _tasks(args.tasks)
+    tasks = _tasks(args.tasks, args)
     best = run_sweep(
         args.output_dir, tasks, _split(args.methods, "--methods"), args.budget, spec_from(args, tasks[0], args.output_dir),
-        method_options_from(args), args.storage, parse_space(args.space), args.sampler_seed,
+        method_options_from(args), args.storage, parse_space(args.space), args.sampler_seed, args.jobs,
     )
     for task, methods in best.items():
         for method, found in methods.items():
@@ -157,7 +220,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
     model = build_model(args.model, args.config, args.trust_remote_code).to(args.device)
     batch = random_batch(args.batch_size, args.seq_len, model.config.vocab_size, args.device)
-    grid = method_grid(_split(args.smart_steps, "--smart-steps", int), _split(args.freelb_steps, "--freelb-steps", int))
+    grid = method_grid(_split(args.smart_steps, "--smart-steps", int), _split(args.freelb_steps, "--freelb-steps", int),
+                       regularisers=args.regularisers)
     rows = measure(model, batch, grid, args.device, args.bf16, args.warmup, args.repeats)
     print(f"# {args.model or args.config}, batch {args.batch_size} x {args.seq_len}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {args.device}, torch {torch.__version__}; "
@@ -169,11 +233,12 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 
 def cmd_xnli(args: argparse.Namespace) -> int:
-    from rxf.experiments.xnli import parse_language_specs, run_xnli
+    from rxf.experiments.xnli import parse_eval_columns, parse_language_specs, run_xnli
 
+    languages = parse_language_specs(args.eval)
     report = run_xnli(
         Path(args.output_dir), _split(args.methods, "--methods"), spec_from(args, args.task, args.output_dir),
-        method_options_from(args), parse_language_specs(args.eval), args.max_eval_samples,
+        method_options_from(args), languages, args.max_eval_samples, parse_eval_columns(args.eval_columns, languages),
     )
     print((Path(args.output_dir) / "xnli.md").read_text())
     return 0 if report else 1
@@ -194,8 +259,17 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from rxf.defaults import default_model_path
     from rxf.probing.probe import run_probe
 
-    tasks = _tasks(args.tasks)
-    checkpoints = _pairs(args.checkpoint, "--checkpoint") or {"pre-trained": args.model or default_model_path()}
+    tasks = _tasks(args.tasks, args)
+    from rxf.probing.probe import checkpoints_from_runs
+
+    checkpoints = _pairs(args.checkpoint, "--checkpoint")
+    for folder in args.runs:
+        found = checkpoints_from_runs(folder)
+        if not found:
+            raise RXFError(f"--runs: no finished run (results.json beside best/) below {folder}")
+        checkpoints.update(found)
+    if args.include_base or not checkpoints:
+        checkpoints = {"pre-trained": args.model or default_model_path(), **checkpoints}
     reference = (args.model or default_model_path()) if args.reference == "base" else args.reference
     run_probe(Path(args.output_dir), checkpoints, tasks, spec_from(args, tasks[0], args.output_dir),
               _pairs(args.task_data, "--task-data"), reference, args.cka_samples, args.pooling)
@@ -206,7 +280,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_chain(args: argparse.Namespace) -> int:
     from rxf.probing.chain import run_chain, run_cycle
 
-    tasks = _tasks(args.tasks)
+    tasks = _tasks(args.tasks, args)
     base = spec_from(args, tasks[0], args.output_dir)
     methods = _split(args.methods, "--methods")
     task_data = _pairs(args.task_data, "--task-data")
@@ -214,9 +288,63 @@ def cmd_chain(args: argparse.Namespace) -> int:
         run_cycle(Path(args.output_dir), tasks, methods, args.cycles, base, method_options_from(args), task_data)
         print((Path(args.output_dir) / "cycle.md").read_text())
     else:
-        run_chain(Path(args.output_dir), tasks, methods, base, method_options_from(args), task_data)
+        run_chain(Path(args.output_dir), tasks, methods, base, method_options_from(args), task_data, args.jobs)
         print((Path(args.output_dir) / "chain.md").read_text())
     return 0
+
+
+def _checkpoint_and_reading(args: argparse.Namespace):
+    from rxf.evaluate import load_classifier, reading_for
+
+    classifier = load_classifier(args.checkpoint, args.task, args.trust_remote_code)
+    reading = reading_for(classifier, args.text_columns, getattr(args, "label_column", None), args.header,
+                          args.max_length, args.batch_size)
+    return classifier, reading
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from rxf.evaluate import evaluation_table, run_evaluate
+
+    classifier, reading = _checkpoint_and_reading(args)
+    report = run_evaluate(classifier, args.file, args.output, reading)
+    print(evaluation_table(report), end="")
+    print(f"report in {args.output}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from rxf.evaluate import run_predict
+
+    classifier, reading = _checkpoint_and_reading(args)
+    summary = run_predict(classifier, args.file, args.output, reading, args.format)
+    print(f"{summary['rows']} predictions ({summary['format']}, text from {', '.join(summary['text_columns'])}) "
+          f"in {summary['output']}")
+    return 0
+
+
+def _add_inference_options(parser: argparse.ArgumentParser, labelled: bool) -> None:
+    """The checkpoint and how input files are read, for evaluate and predict."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="a fine-tuned model folder: a run's best/, or any from_pretrained folder with a "
+                             "trained sequence-classification head")
+    parser.add_argument("--task", default=None, choices=sorted(GLUE_TASKS) + list(GENERIC_TASKS),
+                        help="the task the checkpoint learnt: a GLUE task's metrics, label strings and columns "
+                             "(default: the run's, from run.json beside the checkpoint; else classification, or "
+                             "regression for a one-output head)")
+    parser.add_argument("--text-columns", default=None,
+                        help="text column(s), comma-separated: names, or 0-based positions in files without a "
+                             "header row (default: the run's; else the task's, or the first of sentence1+sentence2, "
+                             "premise+hypothesis, question1+question2, text_a+text_b, text, sentence)")
+    if labelled:
+        parser.add_argument("--label-column", default=None,
+                            help="label column, a name or position (default: the run's; else the task's, or label; "
+                                 "the last column of a file without a header)")
+    parser.add_argument("--header", action=argparse.BooleanOptionalAction, default=None,
+                        help="whether the first line of .tsv/.csv files names the columns (default: the run's; "
+                             "else yes, unless the columns are given as positions)")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the run's, or 128)")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per batch (default: %(default)s)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a model that runs its own code")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -231,9 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(R3F, R4F, SMART, FreeLB, Standard, Standard++).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("finetune", help="fine-tune on a GLUE task and keep the best checkpoint")
-    p.add_argument("--task", required=True, choices=sorted(GLUE_TASKS) + sorted(SUMMARIZATION_TASKS),
-                   help="GLUE task or summarisation task (lower case)")
+    p = sub.add_parser("finetune", help="fine-tune on a GLUE task or your own files and keep the best checkpoint")
+    p.add_argument("--task", default=None,
+                   choices=sorted(GLUE_TASKS) + sorted(SUMMARIZATION_TASKS) + list(GENERIC_TASKS) + ["instruct"],
+                   help="GLUE task or summarisation task (lower case), or classification/regression on your own "
+                        "--train-file/--dev-file (default: classification when --train-file is given), or instruct: "
+                        "a causal LM on prompt/response or chat JSONL")
     p.add_argument("--output-dir", required=True, help="run folder: checkpoints/, best/, results.json")
     p.add_argument("--overwrite", action="store_true", help="start again even if the run finished or has checkpoints")
     add_training_options(p, cmd_finetune)
@@ -244,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated seeds (default: %(default)s)")
     c.add_argument("--configs", default=None, help="best_configs.json from rxf sweep: per task and method settings")
     c.add_argument("--output-dir", required=True, help="runs/<task>/<method>/seed<N>/, report.md, plots")
+    c.add_argument("--jobs", type=int, default=1, help="runs at once, the cores divided between them (default: 1)")
     add_training_options(c, cmd_compare)
 
     r = sub.add_parser("report", help="rebuild tables and plots from a folder of results.json files")
@@ -260,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "paper's search spaces, e.g. '{\"learning_rate\": [5e-5, 1e-4]}'")
     w.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default: %(default)s)")
     w.add_argument("--output-dir", required=True, help="trials/, sweep.db, best_configs.json")
+    w.add_argument("--jobs", type=int, default=1, help="workers at once on each study, the cores divided between "
+                   "them (default: 1)")
     add_training_options(w, cmd_sweep)
 
     k = sub.add_parser("cost", help="time one update of each method against std (the paper's Table 1)")
@@ -275,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--warmup", type=int, default=2)
     k.add_argument("--repeats", type=int, default=5)
     k.add_argument("--json", default=None, help="also write the rows to this file")
+    k.add_argument("--regularisers", action="store_true", help="also time R-Drop, NEFTune, NoisyTune, HyPe, "
+                   "Child-Tuning (D, F), Mixout and R3F + NoisyTune")
     k.add_argument("--trust-remote-code", action="store_true")
     k.set_defaults(func=cmd_cost)
 
@@ -283,12 +419,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--methods", default="std++,r3f", help="comma-separated methods (default: %(default)s)")
     x.add_argument("--eval", action="append", default=[], metavar="LANG=PATH",
                    help="a language's NLI file (repeat the flag for each language)")
+    x.add_argument("--eval-columns", action="append", default=[], metavar="[LANG:]premise=COL,hypothesis=COL,label=COL",
+                   help="the columns of an --eval file rxf does not recognise: names, or 0-based positions for a file "
+                        "without a header; LANG: for one language's file, else every file (repeatable; --columns "
+                        "maps the English training files)")
     x.add_argument("--output-dir", required=True, help="runs/<method>/, xnli.json, xnli.md")
     add_training_options(x, cmd_xnli)
 
     pr = sub.add_parser("probe", help="linear probes on frozen encoders, with CKA drift (Figure 3)")
     pr.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                     help="a checkpoint to probe (repeatable; default: --model as 'pre-trained')")
+    pr.add_argument("--runs", action="append", default=[], metavar="DIR",
+                    help="probe the best checkpoint of every finished run below DIR (e.g. an rxf compare folder), "
+                         "named method/seedN, with mean ± std per method (repeatable)")
+    pr.add_argument("--include-base", action="store_true",
+                    help="also probe --model (the pre-trained encoder) beside the given checkpoints")
     pr.add_argument("--tasks", default="sst2,rte,mrpc", help="comma-separated GLUE tasks (default: %(default)s)")
     pr.add_argument("--task-data", action="append", default=[], metavar="TASK=DIR",
                     help="data folder for one task, overriding --data-dir (repeatable)")
@@ -309,7 +454,28 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "cycle":
             ch.add_argument("--cycles", type=int, default=3, help="how often the chain repeats (default: %(default)s)")
         ch.add_argument("--output-dir", required=True, help="one folder per method and stage, report, plot")
+        if name == "chain":
+            ch.add_argument("--jobs", type=int, default=1, help="methods at once, the cores divided between them "
+                            "(default: 1)")
         add_training_options(ch, cmd_chain)
+
+    ev = sub.add_parser("evaluate", help="a fine-tuned checkpoint on labelled files: the task's metrics (and GLUE "
+                        "diagnostic categories), as JSON and a table")
+    _add_inference_options(ev, labelled=True)
+    ev.add_argument("--file", action="append", required=True, metavar="PATH",
+                    help="a labelled .tsv/.csv/.jsonl file, optionally .gz (repeat the flag for more files)")
+    ev.add_argument("--output", required=True, help="the JSON report")
+    ev.set_defaults(func=cmd_evaluate)
+
+    pd = sub.add_parser("predict", help="a fine-tuned checkpoint's predictions for an unlabelled file")
+    _add_inference_options(pd, labelled=False)
+    pd.add_argument("--file", required=True, metavar="PATH", help="a .tsv/.csv/.jsonl file, optionally .gz")
+    pd.add_argument("--output", required=True, help="the predictions file, written atomically")
+    pd.add_argument("--format", choices=("auto", "glue", "jsonl"), default="auto",
+                    help="glue: index<TAB>prediction, the GLUE submission layout; jsonl: one object per row with "
+                         "its text, label and probabilities by label name (or score); auto: glue for a GLUE task's "
+                         "file with an index column, else jsonl (default: %(default)s)")
+    pd.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("demo", help="offline quickstart: STD vs R3F on a small bundled demo dataset")
     d.add_argument("--output-dir", default="rxf-demo", help="where the demo runs go (default: %(default)s)")
@@ -319,18 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """No weight-loading or shard-writing bars from transformers: the command's own
-    output (one training bar, results, one-line errors) is what the user reads."""
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    from rxf.console import quiet_libraries
+
+    quiet_libraries()
     try:
         return args.func(args)
     except RXFError as exc:

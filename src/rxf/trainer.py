@@ -121,7 +121,8 @@ class RXFTrainer(Trainer):
         if model is not None:
             # Before the optimiser is built, so that it holds the reparameterised weights.
             self.method.setup(model)
-        if not args.resolved_bias_correction() and kwargs.get("optimizer_cls_and_kwargs") is None:
+        own_optimizer = (kwargs.get("optimizers") or (None, None))[0] is not None  # the user's own: kept
+        if not args.resolved_bias_correction() and kwargs.get("optimizer_cls_and_kwargs") is None and not own_optimizer:
             kwargs["optimizer_cls_and_kwargs"] = (
                 AdamWNoBiasCorrection,
                 {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon},

@@ -20,11 +20,15 @@ def threads_per_job(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def _limit_threads(threads: int) -> None:
+def _start_job(threads: int) -> None:
+    """In each job's process: its share of the cores, and the command's quiet output."""
     import torch
+
+    from rxf.console import quiet_libraries
 
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # for any library that reads it later
+    quiet_libraries()
 
 
 def run_jobs(function: Callable, calls: Iterable[tuple], jobs: int = 1) -> list[Any]:
@@ -39,7 +43,7 @@ def run_jobs(function: Callable, calls: Iterable[tuple], jobs: int = 1) -> list[
         raise OptionError(f"--jobs must be >= 1, got {jobs}")
     if jobs == 1 or len(calls) <= 1:
         return [function(*args) for args in calls]
-    with ProcessPoolExecutor(min(jobs, len(calls)), mp_context=get_context("spawn"), initializer=_limit_threads,
+    with ProcessPoolExecutor(min(jobs, len(calls)), mp_context=get_context("spawn"), initializer=_start_job,
                              initargs=(threads_per_job(jobs),)) as pool:
         futures = {pool.submit(function, *args): i for i, args in enumerate(calls)}
         results: list[Any] = [None] * len(calls)

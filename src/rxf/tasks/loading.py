@@ -50,11 +50,29 @@ class Examples:
         return Examples(self.text_a[:n], self.text_b[:n] if self.text_b else None, self.labels[:n], self.source)
 
 
-def read_records(path: Path, headerless_columns: tuple[str, ...] | None = None) -> list[tuple[int, dict]]:
+def read_records(
+    path: Path, headerless_columns: tuple[str, ...] | None = None, header: bool = True
+) -> list[tuple[int, dict]]:
     """Rows of a .tsv, .csv or .jsonl file (or the same gzipped, ``.tsv.gz``) as
-    (line number, {column: value})."""
+    (line number, {column: value}). ``header=False``: a .tsv or .csv file without a
+    header row, whose columns are named by their 0-based position ("0", "1", ...)."""
     path = Path(path)
-    return _records(path, _check_format(path), read_text(path), headerless_columns)
+    fmt, text = _check_format(path), read_text(path)
+    if not header and headerless_columns is None:
+        headerless_columns = positional_columns(path, fmt, text)
+    return _records(path, fmt, text, headerless_columns)
+
+
+def positional_columns(path: Path, fmt: str, text: str) -> tuple[str, ...]:
+    """("0", ..., "n-1") for a headerless file whose first row has n fields."""
+    if fmt == ".jsonl":
+        raise DataError(f"{path}: JSONL rows name their fields; files without a header row (--no-header, "
+                        "column positions) are .tsv or .csv")
+    if fmt == ".csv":
+        first = next((row for row in csv.reader(io.StringIO(text, newline="")) if row), [])
+    else:
+        first = next((line for line in text.split("\n") if line.strip()), "").rstrip("\r").split("\t")
+    return tuple(str(i) for i in range(len(first)))
 
 
 def table_format(path: Path) -> str:
@@ -118,7 +136,7 @@ def _records(path: Path, fmt: str, text: str, headerless_columns) -> list[tuple[
     if fmt == ".jsonl":
         rows = _read_jsonl(path, text)
     elif fmt == ".csv":
-        rows = _read_csv(path, text)
+        rows = _read_csv(path, text, headerless_columns)
     else:
         rows = _read_tsv(path, text, headerless_columns)
     if not rows:
@@ -147,10 +165,10 @@ def _read_tsv(path: Path, text: str, headerless_columns) -> list[tuple[int, dict
     return rows
 
 
-def _read_csv(path: Path, text: str) -> list[tuple[int, dict]]:
+def _read_csv(path: Path, text: str, headerless_columns=None) -> list[tuple[int, dict]]:
     rows = []
     reader = csv.reader(io.StringIO(text, newline=""))  # newline="": quoted fields may hold line breaks
-    header = next(reader, None)
+    header = list(headerless_columns) if headerless_columns is not None else next(reader, None)
     for fields in reader:
         if not fields:
             continue
