@@ -76,7 +76,7 @@ def evaluation(base: FinetuneSpec, batch_sizes: list[int], repeats: int) -> dict
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
     from rxf.defaults import default_model_path
-    from rxf.finetune import load_task_data
+    from rxf.tasks.data import load_task_data
     from rxf.tasks.tokenize import tokenize
 
     model_path = base.model or default_model_path()

@@ -221,9 +221,7 @@ def test_freelb_accumulates_the_mean_of_k_step_gradients():
         torch.testing.assert_close(grad, mean, atol=1e-6, rtol=1e-5)
 
 
-def test_freelb_never_perturbs_padding(monkeypatch):
-    import rxf.methods.freelb as freelb_module
-
+def test_freelb_never_perturbs_padding():
     model = tiny_model().train()
     # What reaches the model: the input of the embeddings' LayerNorm is e + delta + the
     # position and type embeddings; subtracting the clean sum leaves delta.

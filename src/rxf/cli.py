@@ -22,22 +22,27 @@ from rxf.tasks.glue import GLUE_TASKS
 from rxf.tasks.summarization import SUMMARIZATION_TASKS
 
 
+def add_field_flag(group, f: dataclasses.Field, default, hint) -> None:
+    """One ``--flag`` for a dataclass field: its type (a boolean gets ``--flag`` and
+    ``--no-flag``), default, choices and the help text of its metadata."""
+    base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+    kwargs = {"default": default, "dest": f.name,
+              "help": f.metadata["help"] + (" (default: %(default)s)" if default is not None else "")}
+    if base is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = base
+    if "choices" in f.metadata:
+        kwargs["choices"] = f.metadata["choices"]
+    group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
 def add_method_options(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per ``MethodOptions`` field, with its default and help text."""
+    """One ``--flag`` per ``MethodOptions`` field."""
     group = parser.add_argument_group("method options")
     hints = typing.get_type_hints(MethodOptions)
     for f in dataclasses.fields(MethodOptions):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        kwargs = {"default": f.default, "help": f.metadata["help"] + " (default: %(default)s)", "dest": f.name}
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = base
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        group.add_argument(flag, **kwargs)
+        add_field_flag(group, f, f.default, hints[f.name])
 
 
 def method_options_from(args: argparse.Namespace) -> MethodOptions:
@@ -57,18 +62,7 @@ def add_spec_options(parser: argparse.ArgumentParser, groups=("training", "gener
     for group in groups:
         g = parser.add_argument_group(_GROUP_TITLES[group])
         for f in flag_fields(group):
-            kind = hints[f.name]
-            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-            kwargs = {"default": getattr(defaults, f.name), "dest": f.name,
-                      "help": f.metadata["help"] + (" (default: %(default)s)" if getattr(defaults, f.name) is not None
-                                                    else "")}
-            if base is bool:
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-                kwargs["type"] = base
-            if "choices" in f.metadata:
-                kwargs["choices"] = f.metadata["choices"]
-            g.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+            add_field_flag(g, f, getattr(defaults, f.name), hints[f.name])
 
 
 def add_training_options(parser: argparse.ArgumentParser, func) -> None:
@@ -278,7 +272,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_chain(args: argparse.Namespace) -> int:
-    from rxf.probing.chain import run_chain, run_cycle
+    from rxf.experiments.chain import run_chain, run_cycle
 
     tasks = _tasks(args.tasks, args)
     base = spec_from(args, tasks[0], args.output_dir)

@@ -33,45 +33,14 @@ from rxf.jsonio import write_json_atomic
 from rxf.methods.options import MethodOptions
 from rxf.spec import FinetuneSpec, validate_spec
 from rxf.models import classification_head
-from rxf.tasks.glue import ClassificationTask, get_task
-from rxf.tasks.loading import Examples, load_hub, load_local, parse_column_map
+from rxf.tasks.data import task_and_data
+from rxf.tasks.glue import ClassificationTask
 
 RESULTS = "results.json"
 RUN_RECORD = "run.json"
 # Spec fields that change where or how a run reports, not what it computes.
 NOT_DEFINING = ("output_dir", "overwrite", "progress", "report_to", "eval_batch_size", "save_total_limit",
                 "keep_checkpoints")
-
-
-def load_task_data(spec: FinetuneSpec, task: ClassificationTask | None = None) -> dict[str, Examples]:
-    """The train and dev splits, truncated to the requested sizes."""
-    return task_and_data(spec, task)[1]
-
-
-def task_and_data(spec: FinetuneSpec, task: ClassificationTask | None = None
-                  ) -> tuple[ClassificationTask, dict[str, Examples]]:
-    """The task (``task``, else the GLUE task ``spec.task``, else the one that
-    ``--task classification|regression`` defines from its files) and its splits,
-    truncated to the requested sizes."""
-    from rxf.tasks.generic import is_generic, load_generic
-
-    if task is None and is_generic(spec.task):
-        task, splits = load_generic(spec)
-    else:
-        task = task or get_task(spec.task)
-        splits = _local_or_hub_splits(spec, task)
-    return task, {
-        name: examples.head(spec.max_train_samples if name == "train" else spec.max_eval_samples)
-        for name, examples in splits.items()
-    }
-
-
-def _local_or_hub_splits(spec: FinetuneSpec, task: ClassificationTask) -> dict[str, Examples]:
-    if spec.data_dir is None and spec.train_file is None:
-        return load_hub(task, spec.trust_remote_code)
-    if spec.data_dir is not None and not Path(spec.data_dir).is_dir():
-        raise OptionError(f"--data-dir: {spec.data_dir} is not a folder")
-    return load_local(task, Path(spec.data_dir or "."), parse_column_map(spec.columns), spec.train_file, spec.dev_file)
 
 
 def data_fingerprint(splits: dict) -> dict[str, str]:

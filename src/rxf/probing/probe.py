@@ -26,7 +26,8 @@ from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from rxf.finetune import FinetuneSpec, load_task_data
+from rxf.spec import FinetuneSpec
+from rxf.tasks.data import load_task_data
 from rxf.jsonio import write_json_atomic
 from rxf.probing.drift import layer_drift
 from rxf.probing.features import cached_features, encode, load_encoder
