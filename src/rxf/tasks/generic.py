@@ -161,7 +161,7 @@ def resolve_columns(path: Path, rows: list, header: bool, text_columns=None, lab
         wanted = [label_column] if label_column else [*label_candidates, "label", *(["score"] if regression else [])]
         label = next((found for name in wanted if (found := find_column(present, name))), None)
         if label is None:
-            raise DataError(f"{path}:{lineno}: no label column {' or '.join(map(repr, wanted))}; the file has "
+            raise DataError(f"{path}:{lineno}: no label column {' or '.join(map(repr, dict.fromkeys(wanted)))}; the file has "
                             f"{shown} (name it with --label-column; --no-header for a file without a header row)")
     if text_columns:
         found = [find_column(present, name) for name in text_columns]
