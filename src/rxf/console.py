@@ -25,7 +25,7 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()  # "Saving the dataset" bars of the tokenisation cache
 
 
-def new_weights_line(model_path: str, loading_info: dict) -> str | None:
+def new_weights_line(loading_info: dict) -> str | None:
     """One line naming the weights a model got freshly initialised (its new head)."""
     missing = sorted(loading_info.get("missing_keys", []))
     mismatched = sorted(k for k, *_ in loading_info.get("mismatched_keys", []))

@@ -118,7 +118,8 @@ def open_run_folder(out: Path, record: dict, overwrite: bool) -> None:
 def load_model(loader, model_path: str, spec: FinetuneSpec, report_new_weights: bool = False, **kwargs):
     """``loader.from_pretrained`` with a one-line error naming ``--model`` when the folder
     or its weights cannot be read (missing, corrupt or truncated files); with
-    ``report_new_weights``, one line names the weights initialised at random (the head)."""
+    ``report_new_weights``, ``(model, line)``: the line names the weights initialised at
+    random (the head), or is None."""
     try:
         loaded = loader.from_pretrained(model_path, trust_remote_code=spec.trust_remote_code,
                                         **({"output_loading_info": True} if report_new_weights else {}), **kwargs)
@@ -128,9 +129,7 @@ def load_model(loader, model_path: str, spec: FinetuneSpec, report_new_weights: 
     if not report_new_weights:
         return loaded
     model, info = loaded
-    # Said once training starts (after every check passed), not among one-line errors.
-    model._rxf_new_weights = new_weights_line(model_path, info)
-    return model
+    return model, new_weights_line(info)
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
@@ -195,7 +194,7 @@ def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: Classificatio
     set_seed(spec.seed)
     label_names = task.label_names or task.labels or ()
     labels = {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
-    model = load_model(
+    model, new_weights = load_model(
         AutoModelForSequenceClassification, model_path, spec, report_new_weights=True,
         num_labels=task.num_labels,
         problem_type="regression" if task.is_regression else "single_label_classification",
@@ -206,6 +205,8 @@ def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: Classificatio
         ignore_mismatched_sizes=True,
     )
     open_run_folder(out, record, spec.overwrite)
+    if new_weights and int(os.environ.get("RANK", "0")) == 0:  # once every check passed; once per run
+        print(new_weights, file=sys.stderr)
     datasets = {name: tokenize(examples, tokenizer, spec.max_length) for name, examples in splits.items()}
     for name in splits:
         if name != "train":
@@ -293,9 +294,6 @@ def train_and_report(trainer, spec: FinetuneSpec, options: MethodOptions, task_n
 
     out = Path(spec.output_dir)
     take_over_console(trainer, spec.progress)
-    line = getattr(trainer.model, "_rxf_new_weights", None)
-    if line and trainer.is_world_process_zero():
-        print(line, file=sys.stderr)
     resume = last_complete_checkpoint(out / "checkpoints")
     if resume is not None:
         print(f"rxf: resuming from {resume}", file=sys.stderr)

@@ -137,6 +137,7 @@ class RXFTrainer(Trainer):
         self.skipped_updates = 0
         self._consecutive_skips = 0
         self._update_finite: torch.Tensor | None = None
+        self._clipped_norm = None
         self._method_logs: dict[str, list] = defaultdict(list)
         self._clock = _TrainClock()
         self.add_callback(self._clock)
@@ -202,11 +203,14 @@ class RXFTrainer(Trainer):
         """Before the optimiser step: drop a non-finite update's gradients (AdamW leaves a
         parameter without a gradient untouched, moments and decay included)."""
         finite = self._update_finite if self._update_finite is not None else torch.ones((), dtype=torch.bool)
-        self._update_finite = None
+        norm, self._update_finite, self._clipped_norm = self._clipped_norm, None, None
         if self.accelerator.scaler is None:  # fp16's scaler skips overflowing gradients itself
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            if grads:
-                finite = finite.to(grads[0].device) & torch.isfinite(whole(torch.nn.utils.get_total_norm(grads)))
+            if norm is None:  # no clipping this run: the norm has not been computed yet
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads) if grads else None
+            if norm is not None:
+                norm = whole(torch.as_tensor(norm))
+                finite = finite.to(norm.device) & torch.isfinite(norm)
         if bool(finite):
             self._consecutive_skips = 0
             return
@@ -220,6 +224,11 @@ class RXFTrainer(Trainer):
                 f"(max_nonfinite_updates {self.args.max_nonfinite_updates}); try a smaller learning rate or "
                 "noise scale"
             )
+
+    def _clip_grad_norm(self, model):
+        # Kept for the non-finite check, which then needs no second pass over the gradients.
+        self._clipped_norm = super()._clip_grad_norm(model)
+        return self._clipped_norm
 
     def _determine_best_metric(self, metrics, trial):
         name = self.args.metric_for_best_model
