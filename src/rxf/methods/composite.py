@@ -25,7 +25,7 @@ keys with its name.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Iterable
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -44,9 +44,6 @@ class Modifier(Method):
     including the generation losses."""
 
     name = ""
-
-    def prepare(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> None:
-        """Before the first update, with training batches (Child-Tuning-D's Fisher)."""
 
     def around(self, model: nn.Module, batch: dict[str, Any]) -> ContextManager:
         """A context entered around each training forward pass of the loss (hooks)."""
