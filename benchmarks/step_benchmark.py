@@ -24,6 +24,7 @@ import statistics
 import torch
 
 from peers import peer_runners, rxf_rows_for_peers
+from rxf.console import quiet_libraries
 from rxf.experiments.cost import build_model, measure, method_grid, random_batch, table
 from rxf.methods import MethodOptions
 
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--from-json", default=None, help="print the tables of an earlier --json file; time nothing")
     args = parser.parse_args()
+    quiet_libraries()  # the tables, not transformers' load report of every model copy
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rxf.console import quiet_libraries
 from rxf.experiments.parallel import run_jobs
 from rxf.finetune import run_finetune
 from rxf.methods import MethodOptions
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--only", default="grouping,jobs,eval")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    quiet_libraries()  # the tables, not transformers' load report of every model copy
     work = Path(tempfile.mkdtemp(prefix="rxf-throughput-"))
     base = FinetuneSpec(task=args.task, output_dir=str(work), data_dir=args.data_dir, epochs=1,
                         max_train_samples=args.train_samples, max_length=args.max_length, batch_size=32,

@@ -19,6 +19,7 @@ import json
 import statistics
 from pathlib import Path
 
+from rxf.console import quiet_libraries
 from rxf.finetune import FinetuneSpec, run_finetune
 from rxf.methods import MethodOptions
 
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--output-dir", default="runs/time-to-best")
     args = parser.parse_args()
+    quiet_libraries()  # the tables, not transformers' load report of every model copy
 
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]

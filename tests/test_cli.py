@@ -131,7 +131,9 @@ def test_unknown_task_or_method_is_refused(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
-    assert flag in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert flag in err and value in err
+    assert err.count("\n") == 1 and "usage:" not in err  # one line, not the usage of every option first
     assert not (tmp_path / "out").exists()
 
 

@@ -323,21 +323,27 @@ def test_bad_option_values_fail_in_one_line(tiny_checkpoint, tmp_path, capsys, m
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "remove"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "remove", "empty folder", "run folder"])
 def test_a_broken_model_folder_fails_in_one_line(tiny_checkpoint, tmp_path, capsys, monkeypatch, damage):
     monkeypatch.setenv("RXF_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "model"
-    shutil.copytree(tiny_checkpoint, model)
+    if damage == "empty folder":
+        model.mkdir()
+    elif damage == "run folder":  # rxf's own output named instead of its best/
+        shutil.copytree(tiny_checkpoint, model / "best")
+    else:
+        shutil.copytree(tiny_checkpoint, model)
     weights = model / "model.safetensors"
     if damage == "truncate":
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif damage == "garbage":
         weights.write_bytes(b"\x00not safetensors" * 100)
-    else:
+    elif damage == "remove":
         weights.unlink()
     out = tmp_path / "out"
     assert main(finetune(model, out)) == 2
-    one_line_error(capsys, "--model", str(model))
+    hint = {"empty folder": "no config.json in it", "run folder": f"its fine-tuned model is {model / 'best'}"}
+    one_line_error(capsys, "--model", str(model), hint.get(damage, "cannot load"))
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 

@@ -262,6 +262,9 @@ def test_unknown_dev_label_is_refused_with_file_and_line(tiny_checkpoint, tmp_pa
     (["--text-columns", "review"], None, "no column 'review' (--text-columns); the file has text, label"),
     (["--columns", "sentence=text"], None, "--columns maps a GLUE task's columns"),
     ([], ("train.csv", "text,label\na,x\nb,x\n"), "only one label ('x') in the training file"),
+    # 1 and 1.0 as two classes would be a silent wrong model: refused, naming both lines.
+    ([], ("train.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "c", "label": 1.0}\n'),
+     "train.jsonl:3: label '1.0' is the number of label '1' (line 1) written another way"),
 ])
 def test_bad_generic_options_fail_cleanly(tmp_path, capsys, extra, train, message):
     name, content = train or ("train.csv", "text,label\na,x\nb,y\n")
@@ -341,6 +344,9 @@ def test_evaluate_refuses_labels_the_model_does_not_know(cls_run, tiny_checkpoin
     err = one_line_error(capsys, main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--file", str(path),
                                        "--output", str(out)]))
     assert "has no trained classification head" in err  # a pre-trained encoder, not a fine-tuned model
+    err = one_line_error(capsys, main(["evaluate", "--checkpoint", str(cls_run["out"]), "--file", str(path),
+                                       "--output", str(out)]))
+    assert f"is a run folder; its fine-tuned model is {cls_run['out'] / 'best'}" in err
     assert not out.exists()
 
 

@@ -212,6 +212,12 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
     from rxf.experiments.cost import build_model, measure, method_grid, random_batch, table
 
+    if args.repeats < 1 or args.warmup < 0:
+        raise OptionError("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 3 or args.warmup < 1:
+        # The first update pays for allocation and kernel selection; one round has no median.
+        print(f"rxf cost: warning: --repeats {args.repeats} --warmup {args.warmup} times too few updates for the "
+              "ratios to mean much (use --repeats 5 --warmup 1 or more)", file=sys.stderr)
     model = build_model(args.model, args.config, args.trust_remote_code).to(args.device)
     batch = random_batch(args.batch_size, args.seq_len, model.config.vocab_size, args.device)
     grid = method_grid(_split(args.smart_steps, "--smart-steps", int), _split(args.freelb_steps, "--freelb-steps", int),
@@ -348,8 +354,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: its default prints the whole usage first (sixty
+    lines for ``rxf finetune``), which buries the line that says what was wrong."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rxf", description="Robust fine-tuning of pre-trained transformers "
+    parser = _Parser(prog="rxf", description="Robust fine-tuning of pre-trained transformers "
                                      "(R3F, R4F, SMART, FreeLB, Standard, Standard++).")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rxf.errors import OptionError
+from rxf.errors import OptionError, unloadable_model
 from rxf.jsonio import write_json_atomic
 from rxf.tasks.generic import (
     DEFAULT_TEXT_COLUMNS, GenericTask, is_generic, label_ids, parse_names, resolve_columns, resolve_header, scores,
@@ -105,8 +105,7 @@ def load_classifier(checkpoint: str | Path, task: str | None = None, trust_remot
             path, trust_remote_code=trust_remote_code, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError, ValueError, safetensors' errors alike
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OptionError(f"--checkpoint: cannot load {path} ({reason})") from None
+        raise unloadable_model("--checkpoint", path, exc) from None
     if info["missing_keys"]:  # e.g. a pre-trained encoder: its head would be random
         raise OptionError(f"--checkpoint: {path} has no trained classification head ({sorted(info['missing_keys'])[0]} "
                           "is missing); fine-tune it first")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from rxf.console import new_weights_line, take_over_console
-from rxf.errors import OptionError, TrainingDiverged
+from rxf.errors import OptionError, TrainingDiverged, unloadable_model
 from rxf.jsonio import write_json_atomic
 from rxf.methods.options import MethodOptions
 from rxf.spec import FinetuneSpec, validate_spec
@@ -124,8 +124,7 @@ def load_model(loader, model_path: str, spec: FinetuneSpec, report_new_weights: 
         loaded = loader.from_pretrained(model_path, trust_remote_code=spec.trust_remote_code,
                                         **({"output_loading_info": True} if report_new_weights else {}), **kwargs)
     except Exception as exc:  # OSError, ValueError, safetensors' and torch's errors alike
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OptionError(f"--model: cannot load {model_path} ({reason})") from None
+        raise unloadable_model("--model", model_path, exc) from None
     if not report_new_weights:
         return loaded
     model, info = loaded
