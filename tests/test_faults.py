@@ -109,6 +109,32 @@ def test_a_rerun_with_other_options_or_data_is_refused(tiny_checkpoint, tmp_path
     assert (out / "results.json").read_text() != results
 
 
+def test_a_model_changed_in_place_is_another_run(tiny_checkpoint, tmp_path, capsys):
+    """The model's path is not its identity: weights replaced at the same path (a folder
+    retrained in place, a chain's earlier stage run again) must not return the old results."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    out = tmp_path / "run"
+    assert main(finetune(model, out, "--max-steps", "2")) == 0
+    results = (out / "results.json").read_text()
+    capsys.readouterr()
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    assert main(finetune(model, out, "--max-steps", "2")) == 2
+    one_line_error(capsys, "model_weights", "--overwrite")
+    assert (out / "results.json").read_text() == results
+    # A run recorded before rxf kept the fingerprint is taken as made from this model.
+    record = json.loads((out / "run.json").read_text())
+    del record["model_weights"]
+    (out / "run.json").write_text(json.dumps(record))
+    assert main(finetune(model, out, "--max-steps", "2")) == 0
+    assert (out / "results.json").read_text() == results
+
+
 class Killed(BaseException):
     """Stands in for a kill right after a checkpoint was written."""
 

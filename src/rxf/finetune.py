@@ -32,7 +32,7 @@ from rxf.errors import OptionError, TrainingDiverged, unloadable_model
 from rxf.jsonio import write_json_atomic
 from rxf.methods.options import MethodOptions
 from rxf.spec import FinetuneSpec, validate_spec
-from rxf.models import classification_head
+from rxf.models import classification_head, weights_fingerprint
 from rxf.tasks.data import task_and_data
 from rxf.tasks.glue import ClassificationTask
 
@@ -57,7 +57,7 @@ def run_record(spec: FinetuneSpec, options: MethodOptions, model_path: str, spli
     the content of its data."""
     defining = {k: v for k, v in dataclasses.asdict(spec).items() if k not in NOT_DEFINING}
     return {"spec": defining | {"model": str(model_path)}, "options": dataclasses.asdict(options),
-            "data": data_fingerprint(splits)}
+            "data": data_fingerprint(splits), "model_weights": weights_fingerprint(str(model_path))}
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -92,6 +92,9 @@ def check_run_folder(out: Path, record: dict, overwrite: bool) -> dict | None:
         for key in record.get(section, {}):
             if key not in recorded and key in values:
                 recorded[key] = values[key]
+    # A run recorded before rxf kept the weights' fingerprint is taken as made from the
+    # model now at its path: nothing else is known of it.
+    old.setdefault("model_weights", record.get("model_weights"))
     differs = _differences(old, json.loads(json.dumps(record)))
     if differs:
         raise OptionError(f"--output-dir: {out} holds another run, which differs in "

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -194,3 +196,22 @@ def classification_head(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for name, child in model.named_children()
         if child is not base and any(True for _ in child.parameters())
     ]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def weights_fingerprint(path: str) -> str:
+    """A hash of the weight files' content in a local model folder (or of the name for a
+    hub model, whose files the hub versions): what a model *is*, where its path only says
+    where it lies (a folder retrained in place keeps its path)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]

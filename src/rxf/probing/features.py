@@ -18,25 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rxf.models import weights_fingerprint
 from rxf.tasks.loading import Examples
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
-
-
-def checkpoint_fingerprint(path: str) -> str:
-    """A hash of the weight files in a local checkpoint folder (or the name itself for
-    a hub model, whose files the hub versions)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return hashlib.sha256(path.encode()).hexdigest()[:16]
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES):
-        digest.update(file.name.encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
-
 
 def load_encoder(path: str, trust_remote_code: bool = False):
     """(tokenizer, encoder) with the encoder frozen: eval mode, no gradients."""
@@ -84,7 +67,7 @@ def cached_features(
     """Representations of ``examples`` by the frozen ``checkpoint``: (features (N, H),
     whether they came from the cache). ``encoder_and_tokenizer`` avoids reloading."""
     key = hashlib.sha256(json.dumps(
-        [checkpoint_fingerprint(checkpoint), examples.text_a, examples.text_b, max_length, pooling]
+        [weights_fingerprint(checkpoint), examples.text_a, examples.text_b, max_length, pooling]
     ).encode()).hexdigest()[:24]
     path = cache_root() / f"{key}.npy"
     if path.is_file():
