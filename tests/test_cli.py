@@ -137,6 +137,38 @@ def test_unknown_task_or_method_is_refused(tmp_path, capsys, flag, value):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unknown_option_is_named_by_its_subcommand(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--task", "sst2", "--output-dir", str(tmp_path / "out"), "--bogus", "3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "rxf finetune: error: unrecognized arguments: --bogus 3 (see rxf finetune --help)\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    # Two copies of one run would train in one folder at once (--jobs) and race each other.
+    (["compare", "--tasks", "sst2,sst2", "--methods", "std"], "--tasks: 'sst2' is given twice"),
+    (["compare", "--tasks", "sst2", "--methods", "std,r3f,std"], "--methods: 'std' is given twice"),
+    (["compare", "--tasks", "sst2", "--methods", "std", "--seeds", "1,2,1"], "--seeds: 1 is given twice"),
+    (["chain", "--tasks", "sst2,rte,sst2"], "--tasks: 'sst2' is given twice"),
+    # Every method is checked before the first one trains the real model.
+    (["demo", "--methods", "std,foo"], "--methods: unknown method 'foo'"),
+    (["cost", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["cost", "--smart-steps", "0"], "--smart-steps: step counts must be >= 1"),
+    (["cost", "--device", "foo"], "--device: 'foo' is not a device"),
+    (["cost", "--device", "cuda"], "sees no CUDA device"),
+])
+def test_lists_and_cost_options_are_checked_before_anything_runs(tmp_path, capsys, args, message):
+    import torch
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    assert main([*args, "--output-dir", str(tmp_path / "out")] if args[0] != "cost" else args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.count("\n") == 0, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_data_dir_is_refused(tmp_path, capsys):
     assert main(["finetune", "--task", "rte", "--data-dir", str(tmp_path / "nowhere"),
                  "--output-dir", str(tmp_path / "out")]) == 2

@@ -120,16 +120,26 @@ def test_a_model_changed_in_place_is_another_run(tiny_checkpoint, tmp_path, caps
     capsys.readouterr()
     from safetensors.torch import load_file, save_file
 
+    original = (model / "model.safetensors").read_bytes()
     weights = load_file(model / "model.safetensors")
     name = sorted(weights)[0]
     weights[name] = weights[name] + 1e-3
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     assert main(finetune(model, out, "--max-steps", "2")) == 2
-    one_line_error(capsys, "model_weights", "--overwrite")
+    one_line_error(capsys, "model_files", "--overwrite")
     assert (out / "results.json").read_text() == results
+    (model / "model.safetensors").write_bytes(original)
+    for file, old, new in (("config.json", '"hidden_dropout_prob": 0.1', '"hidden_dropout_prob": 0.5'),
+                           ("tokenizer_config.json", '"do_lower_case": true', '"do_lower_case": false')):
+        text = (model / file).read_text()
+        assert old in text
+        (model / file).write_text(text.replace(old, new))
+        assert main(finetune(model, out, "--max-steps", "2")) == 2  # a model that computes something else
+        one_line_error(capsys, "model_files")
+        (model / file).write_text(text)
     # A run recorded before rxf kept the fingerprint is taken as made from this model.
     record = json.loads((out / "run.json").read_text())
-    del record["model_weights"]
+    del record["model_files"]
     (out / "run.json").write_text(json.dumps(record))
     assert main(finetune(model, out, "--max-steps", "2")) == 0
     assert (out / "results.json").read_text() == results
@@ -340,6 +350,8 @@ def test_warmup_ratio_is_a_fraction_of_all_updates(tmp_path, ratio, steps):
     (["--r3f-lambda", "nan"], "--r3f-lambda"),
     (["--smart-epsilon", "inf"], "--smart-epsilon"),
     (["--max-nonfinite-updates", "0"], "--max-nonfinite-updates"),
+    (["--max-steps", "0"], "--max-steps"),  # the Trainer would run one update
+    (["--max-length", "1000"], "more than the model takes (128)"),  # else a shape error mid-run
 ])
 def test_bad_option_values_fail_in_one_line(tiny_checkpoint, tmp_path, capsys, monkeypatch, extra, named):
     monkeypatch.setenv("RXF_CACHE", str(tmp_path / "cache"))
@@ -349,7 +361,7 @@ def test_bad_option_values_fail_in_one_line(tiny_checkpoint, tmp_path, capsys, m
     assert not out.exists() and not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "remove", "empty folder", "run folder"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "remove", "empty folder", "run folder", "no tokenizer"])
 def test_a_broken_model_folder_fails_in_one_line(tiny_checkpoint, tmp_path, capsys, monkeypatch, damage):
     monkeypatch.setenv("RXF_CACHE", str(tmp_path / "cache"))
     model = tmp_path / "model"
@@ -366,9 +378,14 @@ def test_a_broken_model_folder_fails_in_one_line(tiny_checkpoint, tmp_path, caps
         weights.write_bytes(b"\x00not safetensors" * 100)
     elif damage == "remove":
         weights.unlink()
+    elif damage == "no tokenizer":  # transformers would build an empty-vocabulary tokenizer: all [UNK]
+        for file in model.iterdir():
+            if file.name not in ("config.json", "model.safetensors"):
+                file.unlink()
     out = tmp_path / "out"
     assert main(finetune(model, out)) == 2
-    hint = {"empty folder": "no config.json in it", "run folder": f"its fine-tuned model is {model / 'best'}"}
+    hint = {"empty folder": "no config.json in it", "run folder": f"its fine-tuned model is {model / 'best'}",
+            "no tokenizer": "has no tokenizer files"}
     one_line_error(capsys, "--model", str(model), hint.get(damage, "cannot load"))
     assert not out.exists() and not (tmp_path / "cache").exists()
 

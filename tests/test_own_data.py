@@ -555,3 +555,17 @@ def test_real_minilm_on_your_own_csv(minilm_path, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "new.jsonl").read_text().splitlines()]
     assert [r["text"] for r in records] == ["a superb film", "a dreadful film"]
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in records)
+
+
+def test_label_sets_sort_integers_numerically_and_other_digits_as_text():
+    from rxf.tasks.generic import discover_labels
+
+    def rows(*labels):
+        return [(line, {"label": label}) for line, label in enumerate(labels, start=2)]
+
+    path = Path("train.tsv")
+    assert discover_labels(path, rows("10", "2", "-1", "2"), "label") == ("-1", "2", "10")
+    # str.isdigit says yes to circled and superscript digits, int() says no: text order, no traceback.
+    assert discover_labels(path, rows("②", "①", "²"), "label") == tuple(sorted(("①", "②", "²")))
+    with pytest.raises(DataError, match=r"train.tsv:3: label 'NaN' is the number of label 'nan' \(line 2\)"):
+        discover_labels(path, rows("nan", "NaN", "1"), "label")

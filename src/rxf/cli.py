@@ -136,6 +136,9 @@ def _split(text: str, option: str, kind=str) -> list:
         raise RXFError(f"{option}: cannot read {text!r} as a comma-separated list") from None
     if not items:
         raise RXFError(f"{option}: empty list")
+    repeated = next((item for i, item in enumerate(items) if item in items[:i]), None)
+    if repeated is not None:  # two runs of one folder at once would race each other (--jobs)
+        raise RXFError(f"{option}: {repeated!r} is given twice")
     return items
 
 
@@ -205,23 +208,46 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checked_cost_options(args: argparse.Namespace) -> tuple[list[int], list[int]]:
+    """``rxf cost``'s options checked before a model is built; its SMART and FreeLB step counts."""
+    import torch
+
+    if args.repeats < 1 or args.warmup < 0:
+        raise OptionError("--repeats must be >= 1 and --warmup >= 0")
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise OptionError(f"{flag} must be >= 1, got {value}")
+    smart_steps, freelb_steps = _split(args.smart_steps, "--smart-steps", int), _split(args.freelb_steps,
+                                                                                        "--freelb-steps", int)
+    for flag, steps in (("--smart-steps", smart_steps), ("--freelb-steps", freelb_steps)):
+        if min(steps) < 1:
+            raise OptionError(f"{flag}: step counts must be >= 1, got {min(steps)}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise OptionError(f"--device: {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
+    if args.repeats < 3 or args.warmup < 1:
+        # The first update pays for allocation and kernel selection; one round has no median.
+        print(f"rxf cost: warning: --repeats {args.repeats} --warmup {args.warmup} times too few updates for the "
+              "ratios to mean much (use --repeats 5 --warmup 1 or more)", file=sys.stderr)
+    return smart_steps, freelb_steps
+
+
 def cmd_cost(args: argparse.Namespace) -> int:
     import json
 
     import torch
 
     from rxf.experiments.cost import build_model, measure, method_grid, random_batch, table
+    from rxf.models import check_max_length
 
-    if args.repeats < 1 or args.warmup < 0:
-        raise OptionError("--repeats must be >= 1 and --warmup >= 0")
-    if args.repeats < 3 or args.warmup < 1:
-        # The first update pays for allocation and kernel selection; one round has no median.
-        print(f"rxf cost: warning: --repeats {args.repeats} --warmup {args.warmup} times too few updates for the "
-              "ratios to mean much (use --repeats 5 --warmup 1 or more)", file=sys.stderr)
+    smart_steps, freelb_steps = _checked_cost_options(args)
     model = build_model(args.model, args.config, args.trust_remote_code).to(args.device)
+    check_max_length("--seq-len", args.seq_len, model, None)
     batch = random_batch(args.batch_size, args.seq_len, model.config.vocab_size, args.device)
-    grid = method_grid(_split(args.smart_steps, "--smart-steps", int), _split(args.freelb_steps, "--freelb-steps", int),
-                       regularisers=args.regularisers)
+    grid = method_grid(smart_steps, freelb_steps, regularisers=args.regularisers)
     rows = measure(model, batch, grid, args.device, args.bf16, args.warmup, args.repeats)
     print(f"# {args.model or args.config}, batch {args.batch_size} x {args.seq_len}, "
           f"{'bf16' if args.bf16 else 'fp32'}, {args.device}, torch {torch.__version__}; "
@@ -348,9 +374,13 @@ def _add_inference_options(parser: argparse.ArgumentParser, labelled: bool) -> N
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from rxf.methods.options import check_methods
+
+    methods = _split(args.methods, "--methods")
+    check_methods(methods)  # all of them before the first trains
     from rxf.demo import run_demo
 
-    run_demo(args.output_dir, methods=args.methods.split(","), seed=args.seed)
+    run_demo(args.output_dir, methods=methods, seed=args.seed)
     return 0
 
 
@@ -366,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rxf", description="Robust fine-tuning of pre-trained transformers "
                                      "(R3F, R4F, SMART, FreeLB, Standard, Standard++).")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.subcommands = sub.choices
 
     p = sub.add_parser("finetune", help="fine-tune on a GLUE task or your own files and keep the best checkpoint")
     p.add_argument("--task", default=None,
@@ -495,7 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand's parser, whose --help lists what it takes
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     from rxf.console import quiet_libraries
 
     quiet_libraries()

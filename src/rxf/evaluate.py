@@ -34,6 +34,7 @@ import numpy as np
 
 from rxf.errors import OptionError, unloadable_model
 from rxf.jsonio import write_json_atomic
+from rxf.models import check_model_folder
 from rxf.tasks.generic import (
     DEFAULT_TEXT_COLUMNS, GenericTask, is_generic, label_ids, parse_names, resolve_columns, resolve_header, scores,
     texts,
@@ -100,6 +101,7 @@ def load_classifier(checkpoint: str | Path, task: str | None = None, trust_remot
         raise OptionError(f"--task: {task!r} is not a classification task (a GLUE task, classification, regression)")
     if not path.is_dir():
         raise OptionError(f"--checkpoint: {path} is not a folder")
+    check_model_folder("--checkpoint", path)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, trust_remote_code=trust_remote_code, output_loading_info=True)

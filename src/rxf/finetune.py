@@ -32,7 +32,7 @@ from rxf.errors import OptionError, TrainingDiverged, unloadable_model
 from rxf.jsonio import write_json_atomic
 from rxf.methods.options import MethodOptions
 from rxf.spec import FinetuneSpec, validate_spec
-from rxf.models import classification_head, weights_fingerprint
+from rxf.models import check_max_length, check_model_folder, classification_head, model_fingerprint
 from rxf.tasks.data import task_and_data
 from rxf.tasks.glue import ClassificationTask
 
@@ -57,7 +57,7 @@ def run_record(spec: FinetuneSpec, options: MethodOptions, model_path: str, spli
     the content of its data."""
     defining = {k: v for k, v in dataclasses.asdict(spec).items() if k not in NOT_DEFINING}
     return {"spec": defining | {"model": str(model_path)}, "options": dataclasses.asdict(options),
-            "data": data_fingerprint(splits), "model_weights": weights_fingerprint(str(model_path))}
+            "data": data_fingerprint(splits), "model_files": model_fingerprint(str(model_path))}
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -94,7 +94,7 @@ def check_run_folder(out: Path, record: dict, overwrite: bool) -> dict | None:
                 recorded[key] = values[key]
     # A run recorded before rxf kept the weights' fingerprint is taken as made from the
     # model now at its path: nothing else is known of it.
-    old.setdefault("model_weights", record.get("model_weights"))
+    old.setdefault("model_files", record.get("model_files"))
     differs = _differences(old, json.loads(json.dumps(record)))
     if differs:
         raise OptionError(f"--output-dir: {out} holds another run, which differs in "
@@ -132,6 +132,14 @@ def load_model(loader, model_path: str, spec: FinetuneSpec, report_new_weights: 
         return loaded
     model, info = loaded
     return model, new_weights_line(info)
+
+
+def load_tokenizer(model_path: str, spec: FinetuneSpec):
+    """The model's tokenizer; a local folder without one is refused (``check_model_folder``)."""
+    from transformers import AutoTokenizer
+
+    check_model_folder("--model", model_path)
+    return load_model(AutoTokenizer, model_path, spec)
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
@@ -187,12 +195,12 @@ def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: Classificatio
     if finished is not None:
         return finished
 
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
 
     from rxf.tasks.tokenize import tokenize
     from rxf.trainer import RXFConfig, RXFTrainer
 
-    tokenizer = load_model(AutoTokenizer, model_path, spec)
+    tokenizer = load_tokenizer(model_path, spec)
     set_seed(spec.seed)
     label_names = task.label_names or task.labels or ()
     labels = {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
@@ -206,6 +214,7 @@ def run_finetune(spec: FinetuneSpec, options: MethodOptions, task: Classificatio
         # A checkpoint fine-tuned on another task (a chain stage) has a head of another size.
         ignore_mismatched_sizes=True,
     )
+    check_max_length("--max-length", spec.max_length, model, tokenizer)
     open_run_folder(out, record, spec.overwrite)
     if new_weights and int(os.environ.get("RANK", "0")) == 0:  # once every check passed; once per run
         print(new_weights, file=sys.stderr)

@@ -13,9 +13,10 @@ import numpy as np
 
 from rxf.errors import OptionError
 from rxf.finetune import (
-    FinetuneSpec, check_run_folder, finish_run, load_model, open_run_folder, run_record, train_and_report,
-    training_arguments, validate_spec,
+    FinetuneSpec, check_run_folder, finish_run, load_model, load_tokenizer, open_run_folder, run_record,
+    train_and_report, training_arguments, validate_spec,
 )
+from rxf.models import check_max_length
 from rxf.methods.generation import check_generation_method
 from rxf.methods.options import MethodOptions
 from rxf.tasks.loading import parse_column_map
@@ -45,7 +46,7 @@ def run_generation(spec: FinetuneSpec, options: MethodOptions, task: Summarizati
         raise OptionError("--model: summarisation needs a seq2seq model (e.g. facebook/bart-large or a local "
                           "folder); the embedded MiniLM is an encoder")
 
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
+    from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, set_seed
 
     from rxf.trainer import RXFSeq2SeqConfig, RXFSeq2SeqTrainer
 
@@ -53,9 +54,10 @@ def run_generation(spec: FinetuneSpec, options: MethodOptions, task: Summarizati
     finished = check_run_folder(out, record, spec.overwrite)
     if finished is not None:
         return finished
-    tokenizer = load_model(AutoTokenizer, spec.model, spec)
+    tokenizer = load_tokenizer(spec.model, spec)
     set_seed(spec.seed)
     model = load_model(AutoModelForSeq2SeqLM, spec.model, spec)
+    check_max_length("--max-length", spec.max_length, model, tokenizer)
     open_run_folder(out, record, spec.overwrite)
     model.generation_config.no_repeat_ngram_size = spec.no_repeat_ngram_size
     model.generation_config.min_length = spec.min_target_length

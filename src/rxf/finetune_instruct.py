@@ -24,9 +24,10 @@ import numpy as np
 
 from rxf.errors import OptionError
 from rxf.finetune import (
-    FinetuneSpec, check_run_folder, finish_run, load_model, open_run_folder, run_record, train_and_report,
-    training_arguments, validate_spec,
+    FinetuneSpec, check_run_folder, finish_run, load_model, load_tokenizer, open_run_folder, run_record,
+    train_and_report, training_arguments, validate_spec,
 )
+from rxf.models import check_max_length
 from rxf.methods.options import MethodOptions
 from rxf.tasks.instruct import IGNORE, INSTRUCT_TASK, encode, load_instructions
 
@@ -139,7 +140,7 @@ def run_instruct(spec: FinetuneSpec, options: MethodOptions) -> dict:
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoModelForCausalLM, set_seed
 
     from rxf.trainer import RXFConfig
 
@@ -147,7 +148,7 @@ def run_instruct(spec: FinetuneSpec, options: MethodOptions) -> dict:
     finished = check_run_folder(out, record, spec.overwrite)
     if finished is not None:
         return finished
-    tokenizer = load_model(AutoTokenizer, spec.model, spec)
+    tokenizer = load_tokenizer(spec.model, spec)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # saved with best/, for batched generation later
     # Tokenised before anything is written: a chat file without a template is refused here.
@@ -167,6 +168,7 @@ def run_instruct(spec: FinetuneSpec, options: MethodOptions) -> dict:
             model = get_peft_model(model, lora)
         except ValueError as exc:  # e.g. target modules the model does not have
             raise OptionError(f"--lora-target-modules: {str(exc).strip().splitlines()[0]}") from None
+    check_max_length("--max-length", spec.max_length, model, tokenizer)
     open_run_folder(out, record, spec.overwrite)
     datasets = {name: Dataset.from_dict(columns) for name, (columns, _) in encoded.items()}
     # Evaluation in order of length: less padding; the token mean does not depend on the order.

@@ -198,20 +198,62 @@ def classification_head(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+# The files that make a model folder what it computes: weights, configuration, tokenizer.
+DEFINING_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".txt", ".model", ".spm", ".jinja")
+NOT_DEFINING_FILES = ("training_args.bin",)  # the Trainer's arguments, saved beside a checkpoint
 
 
-def weights_fingerprint(path: str) -> str:
-    """A hash of the weight files' content in a local model folder (or of the name for a
-    hub model, whose files the hub versions): what a model *is*, where its path only says
-    where it lies (a folder retrained in place keeps its path)."""
+def model_fingerprint(path: str) -> str:
+    """A hash of the content of a local model folder's weights, configuration and
+    tokenizer files (or of the name for a hub model, whose files the hub versions): what a
+    model *is*, where its path only says where it lies (a folder retrained or edited in
+    place keeps its path)."""
     folder = Path(path)
     if not folder.is_dir():
         return hashlib.sha256(str(path).encode()).hexdigest()[:16]
     digest = hashlib.sha256()
-    for file in sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES):
+    for file in sorted(folder.iterdir()):
+        if not file.is_file() or file.suffix not in DEFINING_SUFFIXES or file.name in NOT_DEFINING_FILES:
+            continue
         digest.update(file.name.encode())
         with open(file, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
+
+
+def check_model_folder(flag: str, path) -> None:
+    """Refuse a local folder that is not a whole model: no config.json (an empty folder, a
+    run folder whose model is in best/), or no tokenizer vocabulary — transformers then
+    builds the model type's tokenizer with an empty vocabulary, which maps every word to
+    [UNK], and a run trains and predicts on nothing without a word of complaint."""
+    from rxf.errors import OptionError, unloadable_model
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    if not (folder / "config.json").is_file():
+        raise unloadable_model(flag, folder, FileNotFoundError("no config.json"))
+    names = [p.name for p in folder.iterdir()]
+    if not any(n == "tokenizer.json" or n.startswith("vocab") or n.endswith((".model", ".spm")) for n in names):
+        raise OptionError(f"{flag}: {folder} has no tokenizer files (tokenizer.json, vocab.*, *.model): save the "
+                          "tokenizer beside the model (tokenizer.save_pretrained)")
+
+
+def longest_input(model: nn.Module, tokenizer) -> int | None:
+    """The most tokens the model takes (its position table; the tokenizer's limit where
+    that is lower, as for RoBERTa's 514 positions of which 512 are usable); None when it
+    has no absolute positions."""
+    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # unset: a huge sentinel
+    return min(limits) if limits else None
+
+
+def check_max_length(flag: str, max_length: int, model: nn.Module, tokenizer) -> None:
+    """Refuse ``max_length`` above what the model takes: a longer example would end the run
+    with a shape error mid-training."""
+    from rxf.errors import OptionError
+
+    limit = longest_input(model, tokenizer)
+    if limit is not None and max_length > limit:
+        raise OptionError(f"{flag}: {max_length} tokens is more than the model takes ({limit}); give at most {limit}")

@@ -63,7 +63,7 @@ class FinetuneSpec:
     max_eval_samples: int | None = _opt(None, "use the first N examples of each dev split", group="data")
     seed: int = _opt(42, "seed for everything")
     epochs: float = _opt(3.0, "training epochs")
-    max_steps: int = _opt(-1, "stop after this many updates; overrides --epochs when > 0")
+    max_steps: int = _opt(-1, "stop after this many updates, overriding --epochs (-1: train for --epochs)")
     learning_rate: float = _opt(2e-5, "peak learning rate")
     batch_size: int = _opt(32, "examples per update per device")
     eval_batch_size: int = _opt(64, "examples per evaluation batch")
@@ -125,6 +125,8 @@ def validate_spec(spec: FinetuneSpec) -> None:
             raise OptionError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(spec, name)}")
     if spec.save_total_limit < 1:
         raise OptionError(f"--save-total-limit must be >= 1, got {spec.save_total_limit}")
+    if spec.max_steps == 0 or spec.max_steps < -1:  # the Trainer would run one update for 0
+        raise OptionError(f"--max-steps must be > 0, or -1 to train for --epochs; got {spec.max_steps}")
     if spec.epochs <= 0 and spec.max_steps <= 0:
         raise OptionError("--epochs must be > 0 (or set --max-steps)")
     if spec.learning_rate <= 0:

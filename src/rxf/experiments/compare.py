@@ -17,7 +17,7 @@ from rxf.errors import DataError, OptionError
 from rxf.experiments.parallel import run_jobs
 from rxf.experiments.report import write_report
 from rxf.finetune import RESULTS, FinetuneSpec, run_finetune
-from rxf.methods.options import METHODS, MethodOptions, method_option_names
+from rxf.methods.options import MethodOptions, check_methods, method_option_names
 
 SPEC_OVERRIDES = ("learning_rate", "epochs", "batch_size", "warmup_ratio", "weight_decay")
 
@@ -56,9 +56,7 @@ def run_compare(
 ) -> dict:
     """Run (or skip, when finished) every task × method × seed, ``jobs`` at a time, then
     write the report in ``out``. Returns the report's summary."""
-    for method in methods:
-        if method not in METHODS:
-            raise OptionError(f"--methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    check_methods(methods)
     grid = [(t, m, s) for t in tasks for m in methods for s in seeds]
     planned = [configure(base, options, t, m, s, Path(out) / "runs" / t / m / f"seed{s}", best_configs or {})
                for t, m, s in grid]

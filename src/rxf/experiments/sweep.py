@@ -39,7 +39,7 @@ from rxf.experiments.compare import SPEC_OVERRIDES, configure
 from rxf.experiments.report import main_value
 from rxf.finetune import FinetuneSpec, run_finetune
 from rxf.jsonio import write_json_atomic
-from rxf.methods.options import METHODS, MethodOptions, method_option_names
+from rxf.methods.options import MethodOptions, check_methods, method_option_names
 
 LEARNING_RATES = [1e-5, 2e-5, 3e-5]
 # The paper's search spaces (Section 5 and Appendix), as categorical choices.
@@ -434,9 +434,7 @@ def run_sweep(
         return write_best_configs(Path(out) / "best_configs.json", storage, [(t, m) for t in tasks for m in methods])
     if budget < 1:
         raise OptionError(f"--budget must be >= 1, got {budget}")
-    for method in methods:
-        if method not in METHODS:
-            raise OptionError(f"--methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    check_methods(methods)
     spaces = {method: search_space(method, space_override) for method in methods}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,15 @@ LOSSES = ("std", "std++", "r3f", "r4f", "smart", "freelb", "rdrop")
 MODIFIERS = ("mixout", "noisytune", "childtune", "hype", "neftune")
 # A modifier named as the method on its own means the task loss (std's) plus the modifier.
 METHODS = LOSSES + ("neftune", "noisytune", "hype", "childtune", "mixout")
+
+
+def check_methods(methods: list[str]) -> None:
+    """Refuse an unknown name in a ``--methods`` list (all checked before any run starts)."""
+    for method in methods:
+        if method not in METHODS:
+            raise OptionError(f"--methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
 NORMS = ("inf", "l2")
 R4F_SCOPES = ("all", "last")
 NOISE_TARGETS = ("encoder", "decoder")

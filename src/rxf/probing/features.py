@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rxf.models import weights_fingerprint
+from rxf.models import check_model_folder, model_fingerprint
 from rxf.tasks.loading import Examples
 
 def load_encoder(path: str, trust_remote_code: bool = False):
     """(tokenizer, encoder) with the encoder frozen: eval mode, no gradients."""
     from transformers import AutoModel, AutoTokenizer
 
+    check_model_folder("--checkpoint", path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     encoder = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
     encoder.requires_grad_(False)
@@ -67,7 +68,7 @@ def cached_features(
     """Representations of ``examples`` by the frozen ``checkpoint``: (features (N, H),
     whether they came from the cache). ``encoder_and_tokenizer`` avoids reloading."""
     key = hashlib.sha256(json.dumps(
-        [weights_fingerprint(checkpoint), examples.text_a, examples.text_b, max_length, pooling]
+        [model_fingerprint(checkpoint), examples.text_a, examples.text_b, max_length, pooling]
     ).encode()).hexdigest()[:24]
     path = cache_root() / f"{key}.npy"
     if path.is_file():

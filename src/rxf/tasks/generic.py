@@ -267,7 +267,8 @@ def _refuse_one_number_written_twice(path: Path, rows: list, values: list[str]) 
             number = float(value)
         except ValueError:
             continue
-        seen = first_line.setdefault(number, (value, line))
+        # NaN equals nothing, itself included: one key for every spelling of it.
+        seen = first_line.setdefault("nan" if math.isnan(number) else number, (value, line))
         if seen[0] != value:
             raise DataError(f"{path}:{line}: label {value!r} is the number of label {seen[0]!r} (line {seen[1]}) "
                             "written another way; write each label one way (or give the set with --labels)")
@@ -286,8 +287,16 @@ def discover_labels(path: Path, rows: list, label_column: str) -> tuple[str, ...
     if len(found) < 2:
         raise DataError(f"{path}: only one label ({values[0]!r}) in the training file; classification needs two or "
                         "more (give the whole set with --labels)")
-    numeric = all(value.lstrip("+-").isdigit() for value in found)
-    return tuple(sorted(found, key=lambda v: (int(v), v)) if numeric else sorted(found))
+    numeric = all(_integer(value) is not None for value in found)
+    return tuple(sorted(found, key=lambda v: (_integer(v), v)) if numeric else sorted(found))
+
+
+def _integer(text: str) -> int | None:
+    """``text`` as an integer, or None (``str.isdigit`` also accepts ① and ², which ``int`` refuses)."""
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 # --- the task and its splits ---------------------------------------------------------
