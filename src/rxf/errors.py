@@ -19,15 +19,8 @@ class TrainingDiverged(RXFError):
 
 
 def unloadable_model(flag: str, path, exc: BaseException) -> OptionError:
-    """The one-line error for a model folder ``from_pretrained`` could not read: the
-    library's first line, and what the folder looks like when that explains it (an empty
-    folder, or a run folder whose model is in ``best/``)."""
-    from pathlib import Path
-
+    """The one-line error for a model ``from_pretrained`` could not read (missing, corrupt
+    or truncated files): the library's first line. What a local folder lacks is said before
+    loading, by ``rxf.models.check_model_folder``."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    folder = Path(path)
-    if folder.is_dir() and not (folder / "config.json").is_file():
-        if (folder / "best" / "config.json").is_file():
-            return OptionError(f"{flag}: {folder} is a run folder; its fine-tuned model is {folder / 'best'}")
-        reason = "no config.json in it: a model folder holds config.json, the weights and the tokenizer's files"
     return OptionError(f"{flag}: cannot load {path} ({reason})")

@@ -92,7 +92,7 @@ def check_run_folder(out: Path, record: dict, overwrite: bool) -> dict | None:
         for key in record.get(section, {}):
             if key not in recorded and key in values:
                 recorded[key] = values[key]
-    # A run recorded before rxf kept the weights' fingerprint is taken as made from the
+    # A run recorded before rxf kept the model files' fingerprint is taken as made from the
     # model now at its path: nothing else is known of it.
     old.setdefault("model_files", record.get("model_files"))
     differs = _differences(old, json.loads(json.dumps(record)))

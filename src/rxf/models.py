@@ -227,13 +227,16 @@ def check_model_folder(flag: str, path) -> None:
     run folder whose model is in best/), or no tokenizer vocabulary — transformers then
     builds the model type's tokenizer with an empty vocabulary, which maps every word to
     [UNK], and a run trains and predicts on nothing without a word of complaint."""
-    from rxf.errors import OptionError, unloadable_model
+    from rxf.errors import OptionError
 
     folder = Path(path)
     if not folder.is_dir():
         return
     if not (folder / "config.json").is_file():
-        raise unloadable_model(flag, folder, FileNotFoundError("no config.json"))
+        if (folder / "best" / "config.json").is_file():
+            raise OptionError(f"{flag}: {folder} is a run folder; its fine-tuned model is {folder / 'best'}")
+        raise OptionError(f"{flag}: cannot load {folder} (no config.json in it: a model folder holds config.json, "
+                          "the weights and the tokenizer's files)")
     names = [p.name for p in folder.iterdir()]
     if not any(n == "tokenizer.json" or n.startswith("vocab") or n.endswith((".model", ".spm")) for n in names):
         raise OptionError(f"{flag}: {folder} has no tokenizer files (tokenizer.json, vocab.*, *.model): save the "
@@ -244,9 +247,12 @@ def longest_input(model: nn.Module, tokenizer) -> int | None:
     """The most tokens the model takes (its position table; the tokenizer's limit where
     that is lower, as for RoBERTa's 514 positions of which 512 are usable); None when it
     has no absolute positions."""
-    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # unset: a huge sentinel
-    return min(limits) if limits else None
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions <= 0:
+        return None
+    declared = getattr(tokenizer, "model_max_length", None)
+    usable = isinstance(declared, int) and 0 < declared < positions  # unset: a huge sentinel
+    return declared if usable else positions
 
 
 def check_max_length(flag: str, max_length: int, model: nn.Module, tokenizer) -> None:
