@@ -4,10 +4,10 @@ in a plain PyTorch loop with the functional API; one process when not under torc
     torchrun --nproc_per_node 2 examples/fsdp_loop.py --method r3f --output-dir out
     python examples/fsdp_loop.py --method r3f --output-dir out --batch-size 8
 
-The word-embedding table, each transformer layer and then the whole model become FSDP2
-units; every process keeps a shard of each. rxf looks the word embeddings up itself,
-outside the model's forward, which is why the table must be a unit of its own (rxf says so
-otherwise); extra passes (R3F, SMART, FreeLB) run through the sharded model's own forward.
+Each transformer layer and then the whole model become FSDP2 units; every process keeps
+a shard of each. The perturbation reaches the model through a forward hook on its input
+embeddings (issue 14), so the extra passes (R3F, SMART, FreeLB) are the sharded model's
+own forward with ordinary inputs.
 SMART's Bregman teacher, a full copy of the model, cannot be made of a sharded one: SMART
 runs here with ``smart_bregman=False``.
 
@@ -15,6 +15,7 @@ runs here with ``smart_bregman=False``.
 """
 
 import argparse
+import gc
 import json
 import os
 from pathlib import Path
@@ -47,6 +48,36 @@ def full_state_dict(model: torch.nn.Module, method) -> dict[str, torch.Tensor]:
     return {k: whole(v).detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+def train(method: str, args: argparse.Namespace, loader: DataLoader, device: torch.device,
+          rank: int, world: int) -> None:
+    """``args.steps`` updates of one method; rank 0 writes its weights and losses."""
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        args.model, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).to(device)
+    options = MethodOptions(method=method, smart_bregman=False)
+    lifecycle = build_method(options, model)
+    lifecycle.setup(model)  # before sharding: R4F's parametrisation is sharded with the head
+    if world > 1:
+        shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    losses = []
+    for step, batch in zip(range(args.steps), loader):
+        batch = {k: v[rank * args.batch_size:(rank + 1) * args.batch_size].to(device) for k, v in batch.items()}
+        _, logs = lifecycle.step(model, batch)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lifecycle.after_step(model, step + 1, args.steps)
+        losses.append(float(logs["task_loss"]))
+    state = full_state_dict(model, lifecycle)
+    if rank == 0:
+        out = Path(args.output_dir) / method
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(out / "model.safetensors"))
+        sharded = any(is_shard(p) for p in model.parameters())
+        (out / "run.json").write_text(json.dumps({"losses": losses, "world_size": world, "sharded": sharded}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None, help="model folder or hub name (default: the embedded MiniLM)")
@@ -73,32 +104,15 @@ def main() -> None:
     # Every process reads the same global batches in the same order and keeps its slice.
     loader = DataLoader(data, batch_size=args.batch_size * world, collate_fn=DataCollatorWithPadding(tokenizer))
     for method in args.method.split(","):
-        torch.manual_seed(0)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            args.model, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).to(device)
-        options = MethodOptions(method=method, smart_bregman=False)
-        lifecycle = build_method(options, model)
-        lifecycle.setup(model)  # before sharding: R4F's parametrisation is sharded with the head
-        if distributed:
-            shard(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        model.train()
-        losses = []
-        for step, batch in zip(range(args.steps), loader):
-            batch = {k: v[rank * args.batch_size:(rank + 1) * args.batch_size].to(device) for k, v in batch.items()}
-            _, logs = lifecycle.step(model, batch)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lifecycle.after_step(model, step + 1, args.steps)
-            losses.append(float(logs["task_loss"]))
-        state = full_state_dict(model, lifecycle)
-        if rank == 0:
-            out = Path(args.output_dir) / method
-            out.mkdir(parents=True, exist_ok=True)
-            save_file(state, str(out / "model.safetensors"))
-            sharded = any(is_shard(p) for p in model.parameters())
-            (out / "run.json").write_text(json.dumps({"losses": losses, "world_size": world, "sharded": sharded}))
+        train(method, args, loader, device, rank, world)
     if distributed:
+        # Every sharded model is gone by now (train() returned): FSDP2 modules hold the
+        # process group, and one freed only at interpreter exit may take gloo's threads
+        # down with it — our best reading of an abort seen once in CI ("terminate called
+        # without an active exception" on rank 0), which did not recur in reruns.
+        # The barrier keeps rank 1 from tearing down while rank 0 still writes files.
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -97,7 +97,7 @@ def fsdp_runs(tiny_checkpoint, tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["std", "freelb", "r3f", "r4f", "smart"])
 def test_fsdp2_training_matches_one_process(fsdp_runs, method):
-    """Sharded with FSDP2, with the word embeddings looked up outside the forward and extra
+    """Sharded with FSDP2, with the perturbation added by the embedding hook and the extra
     passes through the sharded model, every method ends with one process's weights.
     STD and FreeLB (init 0) are deterministic; R3F/R4F/SMART noise of scale 1e-5 moves
     the weights by less than the looser tolerance."""
@@ -127,6 +127,7 @@ except OptionError as exc:
     message = str(exc)
 if dist.get_rank() == 0:
     print(message)
+dist.barrier()
 dist.destroy_process_group()
 """
 
