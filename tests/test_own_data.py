@@ -265,6 +265,10 @@ def test_unknown_dev_label_is_refused_with_file_and_line(tiny_checkpoint, tmp_pa
     # 1 and 1.0 as two classes would be a silent wrong model: refused, naming both lines.
     ([], ("train.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "c", "label": 1.0}\n'),
      "train.jsonl:3: label '1.0' is the number of label '1' (line 1) written another way"),
+    ([], ("train.jsonl", '{"text": "a", "label": ["x"]}\n{"text": "b", "label": "y"}\n'),
+     "train.jsonl:1: column 'label' holds a JSON list, not a text, label or number"),
+    ([], ("train.jsonl", '{"text": {"t": "a"}, "label": "x"}\n{"text": "b", "label": "y"}\n'),
+     "train.jsonl:1: column 'text' holds a JSON object"),
 ])
 def test_bad_generic_options_fail_cleanly(tmp_path, capsys, extra, train, message):
     name, content = train or ("train.csv", "text,label\na,x\nb,y\n")
@@ -569,3 +573,13 @@ def test_label_sets_sort_integers_numerically_and_other_digits_as_text():
     assert discover_labels(path, rows("②", "①", "²"), "label") == tuple(sorted(("①", "②", "²")))
     with pytest.raises(DataError, match=r"train.tsv:3: label 'NaN' is the number of label 'nan' \(line 2\)"):
         discover_labels(path, rows("nan", "NaN", "1"), "label")
+
+
+def test_jsonl_booleans_are_one_class_with_their_json_spelling():
+    """A JSON writer's ``true`` and a hand-written ``"true"`` are the same class (str()
+    would make them "True" and "true": two classes, no error)."""
+    from rxf.tasks.generic import discover_labels, raw_labels
+
+    rows = [(1, {"label": True}), (2, {"label": "true"}), (3, {"label": False})]
+    assert raw_labels(Path("train.jsonl"), rows, "label") == ["true", "true", "false"]
+    assert discover_labels(Path("train.jsonl"), rows, "label") == ("false", "true")

@@ -212,6 +212,11 @@ def _field(path: Path, lineno: int, row: dict, column: str) -> str:
     value = row.get(column)
     if value is None:  # a JSONL row without the field, or with null
         raise DataError(f"{path}:{lineno}: no value for column {column!r}")
+    if isinstance(value, (list, dict)):  # str() would make "['a', 'b']" a text or a class
+        raise DataError(f"{path}:{lineno}: column {column!r} holds a JSON {'list' if isinstance(value, list) else 'object'}"
+                        ", not a text, label or number")
+    if isinstance(value, bool):  # JSON's spelling, so that true and "true" are one class
+        return "true" if value else "false"
     return str(value)
 
 
