@@ -265,6 +265,8 @@ def test_unknown_dev_label_is_refused_with_file_and_line(tiny_checkpoint, tmp_pa
     # 1 and 1.0 as two classes would be a silent wrong model: refused, naming both lines.
     ([], ("train.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "c", "label": 1.0}\n'),
      "train.jsonl:3: label '1.0' is the number of label '1' (line 1) written another way"),
+    ([], ("train.csv", "text,label\na,Pos\nb,neg\nc,pos\n"),
+     "train.csv:4: label 'pos' is label 'Pos' (line 2) written another way"),
     ([], ("train.jsonl", '{"text": "a", "label": ["x"]}\n{"text": "b", "label": "y"}\n'),
      "train.jsonl:1: column 'label' holds a JSON list, not a text, label or number"),
     ([], ("train.jsonl", '{"text": {"t": "a"}, "label": "x"}\n{"text": "b", "label": "y"}\n'),

@@ -263,20 +263,22 @@ def label_ids(path: Path, rows: list, label_column: str, ids: dict[str, int], kn
     return result
 
 
-def _refuse_one_number_written_twice(path: Path, rows: list, values: list[str]) -> None:
+def _refuse_one_label_written_twice(path: Path, rows: list, values: list[str]) -> None:
     """Labels are classes by their text, so ``1`` and ``1.0`` (a JSON writer's or a
-    spreadsheet's doing) would silently become two classes: refuse them, naming both lines."""
+    spreadsheet's doing), or ``Pos`` and ``pos``, would silently become two classes: refuse
+    them, naming both lines. A label set given with --labels is taken as it is."""
     first_line = {}
     for (line, _), value in zip(rows, values):
         try:
             number = float(value)
+            # NaN equals nothing, itself included: one key for every spelling of it.
+            key, kind = ("nan" if math.isnan(number) else number), "the number of label"
         except ValueError:
-            continue
-        # NaN equals nothing, itself included: one key for every spelling of it.
-        seen = first_line.setdefault("nan" if math.isnan(number) else number, (value, line))
+            key, kind = value.casefold(), "label"
+        seen = first_line.setdefault(key, (value, line))
         if seen[0] != value:
-            raise DataError(f"{path}:{line}: label {value!r} is the number of label {seen[0]!r} (line {seen[1]}) "
-                            "written another way; write each label one way (or give the set with --labels)")
+            raise DataError(f"{path}:{line}: label {value!r} is {kind} {seen[0]!r} (line {seen[1]}) written another "
+                            "way; write each label one way (or give the set with --labels)")
 
 
 def discover_labels(path: Path, rows: list, label_column: str) -> tuple[str, ...]:
@@ -288,7 +290,7 @@ def discover_labels(path: Path, rows: list, label_column: str) -> tuple[str, ...
         if "," in value:  # run.json and --labels keep the set as comma-separated text
             line = rows[values.index(value)][0]
             raise DataError(f"{path}:{line}: label {value!r} holds a comma, which rxf uses to separate labels")
-    _refuse_one_number_written_twice(path, rows, values)
+    _refuse_one_label_written_twice(path, rows, values)
     if len(found) < 2:
         raise DataError(f"{path}: only one label ({values[0]!r}) in the training file; classification needs two or "
                         "more (give the whole set with --labels)")
