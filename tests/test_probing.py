@@ -56,6 +56,30 @@ def small_examples(n=40):
     return Examples(texts, None, [int(words[i % 6] in ("good", "great", "fine")) for i in range(n)], "memory")
 
 
+@pytest.mark.parametrize("pooling, layers", [("cls", None), ("mean", None), ("mean", [0, 1, 2])])
+def test_encode_in_length_order_gives_each_example_its_own_unpadded_representation(tiny_checkpoint, pooling, layers):
+    """Batches are formed in order of length and the rows put back in file order: each row
+    equals the encoder run on that example alone (no padding at all), pooled by hand."""
+    from rxf.probing.features import encode
+
+    tokenizer, encoder = load_encoder(str(tiny_checkpoint))
+    words = "a good film , the worst plot i have seen in years and then some more".split()
+    first = [" ".join(words[: 1 + (7 * i) % len(words)]) for i in range(11)]
+    second = [" ".join(words[: 1 + (3 * i) % len(words)]) for i in range(11)]
+    lengths = [len(tokenizer(a, b)["input_ids"]) for a, b in zip(first, second)]
+    assert lengths != sorted(lengths) and max(lengths) <= 128  # file order is not length order; no truncation
+    examples = Examples(first, second, [0] * 11, "pairs")
+    got = encode(encoder, tokenizer, examples, max_length=128, pooling=pooling, layers=layers, batch_size=4)
+    for i in range(11):
+        ids = tokenizer(first[i], second[i], return_tensors="pt")
+        with torch.no_grad():
+            out = encoder(**ids, output_hidden_states=True)
+        states = [out.hidden_states[k] for k in layers] if layers else [out.last_hidden_state]
+        alone = np.stack([(h[0, 0] if pooling == "cls" else h[0].mean(0)).numpy() for h in states])
+        row = got[:, i] if layers else got[i][None]
+        np.testing.assert_allclose(row, alone, atol=2e-5, rtol=0)
+
+
 def test_probe_trains_only_a_linear_layer(tiny_checkpoint):
     tokenizer, encoder = load_encoder(str(tiny_checkpoint))
     before = {n: p.detach().clone() for n, p in encoder.named_parameters()}

@@ -42,18 +42,23 @@ def encode(
     or ``mean`` (over real tokens)."""
     encoder.eval()
     device = next(encoder.parameters()).device
+    texts = [examples.text_a] + ([examples.text_b] if examples.text_b is not None else [])
+    encoded = tokenizer(*texts, truncation=True, max_length=max_length)["input_ids"]
+    # Batches in order of length pad each to its own longest example: about half the
+    # tokens of file order on GLUE pair tasks. Rows go back to file order at the end.
+    order = np.argsort([len(ids) for ids in encoded], kind="stable")
     chunks = []
-    for start in range(0, len(examples), batch_size):
-        texts = [examples.text_a[start:start + batch_size]]
-        if examples.text_b is not None:
-            texts.append(examples.text_b[start:start + batch_size])
-        batch = tokenizer(*texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size].tolist()
+        batch = tokenizer(*[[column[i] for i in rows] for column in texts], truncation=True, max_length=max_length,
+                          padding=True, return_tensors="pt").to(device)
         out = encoder(**batch, output_hidden_states=layers is not None)
         states = [out.hidden_states[i] for i in layers] if layers is not None else [out.last_hidden_state]
         mask = batch["attention_mask"].unsqueeze(-1).float()
         pooled = [s[:, 0] if pooling == "cls" else (s * mask).sum(1) / mask.sum(1) for s in states]
         chunks.append(torch.stack(pooled).float().cpu().numpy())
-    stacked = np.concatenate(chunks, axis=1)
+    stacked = np.empty_like(np.concatenate(chunks, axis=1))
+    stacked[:, order] = np.concatenate(chunks, axis=1)
     return stacked if layers is not None else stacked[0]
 
 
