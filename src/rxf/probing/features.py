@@ -40,25 +40,27 @@ def encode(
     """(N, H) float32 representations; with ``layers``, (L, N, H) for those hidden-state
     indices (0 = embeddings). ``pooling``: ``cls`` (first token, the classifier's input)
     or ``mean`` (over real tokens)."""
+    from transformers import DataCollatorWithPadding
+
     encoder.eval()
     device = next(encoder.parameters()).device
     texts = [examples.text_a] + ([examples.text_b] if examples.text_b is not None else [])
-    encoded = tokenizer(*texts, truncation=True, max_length=max_length)["input_ids"]
+    encoded = tokenizer(*texts, truncation=True, max_length=max_length)  # once, unpadded
     # Batches in order of length pad each to its own longest example: about half the
     # tokens of file order on GLUE pair tasks. Rows go back to file order at the end.
-    order = np.argsort([len(ids) for ids in encoded], kind="stable")
+    order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     chunks = []
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size].tolist()
-        batch = tokenizer(*[[column[i] for i in rows] for column in texts], truncation=True, max_length=max_length,
-                          padding=True, return_tensors="pt").to(device)
+        batch = collate([{k: v[i] for k, v in encoded.items()} for i in order[start:start + batch_size]]).to(device)
         out = encoder(**batch, output_hidden_states=layers is not None)
         states = [out.hidden_states[i] for i in layers] if layers is not None else [out.last_hidden_state]
         mask = batch["attention_mask"].unsqueeze(-1).float()
         pooled = [s[:, 0] if pooling == "cls" else (s * mask).sum(1) / mask.sum(1) for s in states]
         chunks.append(torch.stack(pooled).float().cpu().numpy())
-    stacked = np.empty_like(np.concatenate(chunks, axis=1))
-    stacked[:, order] = np.concatenate(chunks, axis=1)
+    in_length_order = np.concatenate(chunks, axis=1)
+    stacked = np.empty_like(in_length_order)
+    stacked[:, order] = in_length_order
     return stacked if layers is not None else stacked[0]
 
 
