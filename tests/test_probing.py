@@ -7,6 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from test_experiments import TINY_RUN, glue_like  # noqa: F401  (fixture)
 
 from rxf.cli import main
@@ -159,6 +160,22 @@ def test_chain_and_cycle_run_and_resume(tiny_checkpoint, glue_like, tmp_path):  
     assert main(args) == 0
     assert first_stage.stat().st_mtime_ns == mtime
     assert (out / "std" / "stage02-rte" / "results.json").is_file()
+
+    # A stored probe is reused only while it is the probe asked for: a stage whose weights
+    # changed in place (retrained with --overwrite) and another pooling are probed again.
+    last_probe, first_probe = out / "std" / "stage02-rte.probe-sst2.json", out / "std" / "stage01-sst2.probe-sst2.json"
+    before, first_mtime = json.loads(last_probe.read_text()), first_probe.stat().st_mtime_ns
+    weights_file = out / "std" / "stage02-rte" / "best" / "model.safetensors"
+    weights = load_file(weights_file)
+    save_file({k: v + 0.05 * torch.randn_like(v) for k, v in weights.items()}, weights_file, metadata={"format": "pt"})
+    assert main(args) == 0
+    after = json.loads(last_probe.read_text())
+    assert after["identity"]["weights"] != before["identity"]["weights"] and not after["features_cached"]
+    assert first_probe.stat().st_mtime_ns == first_mtime  # unchanged stages keep their probes
+    assert main([*args, "--pooling", "mean"]) == 0
+    stages = json.loads((out / "chain.json").read_text())["methods"]["std"]
+    assert [s["identity"]["pooling"] for s in stages] == ["mean"] * 3 and not any(s["features_cached"] for s in stages)
+    assert json.loads(first_probe.read_text())["identity"]["pooling"] == "mean"
 
     cyc = tmp_path / "cycle"
     args = ["cycle", "--tasks", "sst2,rte", "--cycles", "2", "--methods", "std,r3f", "--model", str(tiny_checkpoint),

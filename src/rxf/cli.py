@@ -311,10 +311,12 @@ def cmd_chain(args: argparse.Namespace) -> int:
     methods = _split(args.methods, "--methods")
     task_data = _pairs(args.task_data, "--task-data")
     if args.command == "cycle":
-        run_cycle(Path(args.output_dir), tasks, methods, args.cycles, base, method_options_from(args), task_data)
+        run_cycle(Path(args.output_dir), tasks, methods, args.cycles, base, method_options_from(args), task_data,
+                  args.pooling)
         print((Path(args.output_dir) / "cycle.md").read_text())
     else:
-        run_chain(Path(args.output_dir), tasks, methods, base, method_options_from(args), task_data, args.jobs)
+        run_chain(Path(args.output_dir), tasks, methods, base, method_options_from(args), task_data, args.jobs,
+                  args.pooling)
         print((Path(args.output_dir) / "chain.md").read_text())
     return 0
 
@@ -492,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data folder for one task, overriding --data-dir (repeatable)")
         if name == "cycle":
             ch.add_argument("--cycles", type=int, default=3, help="how often the chain repeats (default: %(default)s)")
+        ch.add_argument("--pooling", choices=("cls", "mean"), default="cls",
+                        help="sentence representation the probes see (default: cls)")
         ch.add_argument("--output-dir", required=True, help="one folder per method and stage, report, plot")
         if name == "chain":
             ch.add_argument("--jobs", type=int, default=1, help="methods at once, the cores divided between them "

@@ -10,12 +10,16 @@ on a task, probe it with the current encoder. How much each cycle retains is how
 the method collapses.
 
 Every stage is an ``rxf finetune`` run in its own folder and every probe is stored beside
-it, so a rerun after an interruption skips finished stages and probes.
+it, so a rerun after an interruption skips finished stages and probes. A stored probe is
+reused only while it is the probe asked for (same weights, examples, pooling, length and
+seed): a stage retrained in place, or a rerun with ``--pooling mean``, probes again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from rxf.experiments.parallel import run_jobs
 from rxf.finetune import FinetuneSpec, run_finetune
 from rxf.jsonio import write_json_atomic
 from rxf.methods.options import MethodOptions
+from rxf.models import model_fingerprint
 from rxf.probing.plots import plot_lines
 from rxf.probing.probe import probe_checkpoint, task_splits
 from rxf.tasks.glue import get_task
@@ -30,13 +35,24 @@ from rxf.tasks.glue import get_task
 DEFAULT_CHAIN = ("sst2", "qnli", "qqp", "rte")
 
 
-def _probe(folder: Path, checkpoint: str, task: str, data: dict, base: FinetuneSpec) -> dict:
+def _probe_identity(checkpoint: str, splits: dict, base: FinetuneSpec, pooling: str) -> dict:
+    """What a probe's score depends on: the weights (not the path, which a retrained stage
+    keeps), the examples with their labels, the pooling, the length and the seed."""
+    examples = hashlib.sha256(json.dumps(
+        {name: [split.text_a, split.text_b, split.labels] for name, split in splits.items()}).encode()).hexdigest()[:16]
+    return {"weights": model_fingerprint(checkpoint), "examples": examples, "pooling": pooling,
+            "max_length": base.max_length, "seed": base.seed}
+
+
+def _probe(folder: Path, checkpoint: str, task: str, data: dict, base: FinetuneSpec, pooling: str) -> dict:
     """Probe ``task`` with the frozen ``checkpoint``; stored beside the stage's ``folder``
-    (not in it: a run folder holds one run) and reused."""
+    (not in it: a run folder holds one run) and reused while its identity holds."""
     path = folder.with_name(f"{folder.name}.probe-{task}.json")
-    if path.is_file():
-        return json.loads(path.read_text())
-    result = probe_checkpoint(checkpoint, get_task(task), data[task], base.seed, base.max_length)
+    identity = _probe_identity(checkpoint, data[task], base, pooling)
+    if path.is_file() and (stored := json.loads(path.read_text())).get("identity") == identity:
+        return stored
+    result = {**probe_checkpoint(checkpoint, get_task(task), data[task], base.seed, base.max_length, pooling),
+              "identity": identity}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, result)
     return result
@@ -61,29 +77,30 @@ def _base_model(base: FinetuneSpec) -> str:
 
 
 def _chain(out: Path, method: str, tasks: list[str], base: FinetuneSpec, options: MethodOptions,
-           task_data: dict | None) -> list[dict]:
+           task_data: dict | None, pooling: str) -> list[dict]:
     """One method's chain: the source task's probe before the first stage and after each."""
     source = tasks[0]
     data = {source: task_splits(source, base, task_data)}
     checkpoint = _base_model(base)
-    stages = [{"stage": "pre-trained", **_probe(out / method / "stage00-pretrained", checkpoint, source, data, base)}]
+    probe = functools.partial(_probe, task=source, data=data, base=base, pooling=pooling)
+    stages = [{"stage": "pre-trained", **probe(out / method / "stage00-pretrained", checkpoint)}]
     for index, task in enumerate(tasks, start=1):
         folder = out / method / f"stage{index:02d}-{task}"
         checkpoint = _stage(folder, method, index, task, checkpoint, base, options, task_data)
-        stages.append({"stage": f"after {task}", **_probe(Path(checkpoint).parent, checkpoint, source, data, base)})
+        stages.append({"stage": f"after {task}", **probe(Path(checkpoint).parent, checkpoint)})
     return stages
 
 
 def run_chain(out: Path, tasks: list[str], methods: list[str], base: FinetuneSpec, options: MethodOptions,
-              task_data: dict[str, str] | None = None, jobs: int = 1) -> dict:
+              task_data: dict[str, str] | None = None, jobs: int = 1, pooling: str = "cls") -> dict:
     """Fine-tune along ``tasks`` with each method (``jobs`` methods at a time) and probe
-    ``tasks[0]`` after each stage."""
+    ``tasks[0]`` after each stage, on ``pooling`` (``cls`` or ``mean``) representations."""
     out = Path(out)
     source = tasks[0]
     for task in tasks:
         task_splits(task, base, task_data)  # check every stage's data before training starts
     base = dataclasses.replace(base, progress=base.progress and jobs == 1)
-    chains = run_jobs(_chain, [(out, method, tasks, base, options, task_data) for method in methods], jobs)
+    chains = run_jobs(_chain, [(out, method, tasks, base, options, task_data, pooling) for method in methods], jobs)
     report = {"tasks": tasks, "source": source, "methods": dict(zip(methods, chains))}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "chain.json", report)
@@ -98,7 +115,7 @@ def run_chain(out: Path, tasks: list[str], methods: list[str], base: FinetuneSpe
 
 
 def run_cycle(out: Path, tasks: list[str], methods: list[str], cycles: int, base: FinetuneSpec,
-              options: MethodOptions, task_data: dict[str, str] | None = None) -> dict:
+              options: MethodOptions, task_data: dict[str, str] | None = None, pooling: str = "cls") -> dict:
     """Repeat the chain ``cycles`` times; probe each task just before training on it."""
     out = Path(out)
     data = {task: task_splits(task, base, task_data) for task in tasks}
@@ -109,7 +126,7 @@ def run_cycle(out: Path, tasks: list[str], methods: list[str], cycles: int, base
             for task in tasks:
                 index += 1
                 folder = out / method / f"stage{index:02d}-c{cycle}-{task}"
-                result = _probe(folder, checkpoint, task, data, base)
+                result = _probe(folder, checkpoint, task, data, base, pooling)
                 probes.append({"cycle": cycle, "task": task, **result})
                 checkpoint = _stage(folder, method, index, task, checkpoint, base, options, task_data)
         report["methods"][method] = probes
