@@ -176,6 +176,13 @@ def test_chain_and_cycle_run_and_resume(tiny_checkpoint, glue_like, tmp_path):  
     stages = json.loads((out / "chain.json").read_text())["methods"]["std"]
     assert [s["identity"]["pooling"] for s in stages] == ["mean"] * 3 and not any(s["features_cached"] for s in stages)
     assert json.loads(first_probe.read_text())["identity"]["pooling"] == "mean"
+    assert "(mean pooling" in (out / "chain.md").read_text()
+    # A damaged stored probe (cut short, or not an object) is only a copy: it is made again.
+    good = first_probe.read_text()
+    for damaged in (good[:len(good) // 2], "[1, 2, 3]"):
+        first_probe.write_text(damaged)
+        assert main([*args, "--pooling", "mean"]) == 0
+        assert json.loads(first_probe.read_text())["score"] == json.loads(good)["score"]
 
     cyc = tmp_path / "cycle"
     args = ["cycle", "--tasks", "sst2,rte", "--cycles", "2", "--methods", "std,r3f", "--model", str(tiny_checkpoint),

@@ -72,6 +72,11 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return found
 
 
+# compare, sweep, chain and cycle take no --overwrite (it would start every run again).
+START_AGAIN = ("start again: rxf finetune --overwrite, or, for a run of compare, sweep, chain or cycle, delete that "
+               "folder (in a chain, with the stages after it)")
+
+
 def check_run_folder(out: Path, record: dict, overwrite: bool) -> dict | None:
     """Whether ``out`` may hold this run: returns the finished run's results when it is
     this run and has finished, ``None`` when it can be started or resumed; raises
@@ -82,7 +87,7 @@ def check_run_folder(out: Path, record: dict, overwrite: bool) -> dict | None:
     record_path = out / RUN_RECORD
     if not record_path.is_file():
         raise OptionError(f"--output-dir: {out} is not empty and holds no {RUN_RECORD} (not an rxf run of this "
-                          "version): choose another folder, or pass --overwrite to replace its content")
+                          f"version): choose another folder, or {START_AGAIN}")
     old = json.loads(record_path.read_text())
     # An option added to rxf after the run was recorded, at its default, changes nothing:
     # the run was made with that default's behaviour.
@@ -99,7 +104,7 @@ def check_run_folder(out: Path, record: dict, overwrite: bool) -> dict | None:
     if differs:
         raise OptionError(f"--output-dir: {out} holds another run, which differs in "
                           f"{'; '.join(differs[:6])}{' ...' if len(differs) > 6 else ''}: choose another folder, "
-                          "or pass --overwrite to start again")
+                          f"or {START_AGAIN}")
     results = out / RESULTS
     return json.loads(results.read_text()) if results.is_file() else None
 

@@ -44,12 +44,23 @@ def _probe_identity(checkpoint: str, splits: dict, base: FinetuneSpec, pooling: 
             "max_length": base.max_length, "seed": base.seed}
 
 
+def _read_probe(path: Path) -> dict | None:
+    """A stored probe, or None where there is none or it is damaged: it is only a copy of
+    what probing the frozen checkpoint again gives, so a damaged one is made again."""
+    try:
+        stored = json.loads(path.read_text())
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
 def _probe(folder: Path, checkpoint: str, task: str, data: dict, base: FinetuneSpec, pooling: str) -> dict:
     """Probe ``task`` with the frozen ``checkpoint``; stored beside the stage's ``folder``
     (not in it: a run folder holds one run) and reused while its identity holds."""
     path = folder.with_name(f"{folder.name}.probe-{task}.json")
     identity = _probe_identity(checkpoint, data[task], base, pooling)
-    if path.is_file() and (stored := json.loads(path.read_text())).get("identity") == identity:
+    stored = _read_probe(path)
+    if stored is not None and stored.get("identity") == identity:
         return stored
     result = {**probe_checkpoint(checkpoint, get_task(task), data[task], base.seed, base.max_length, pooling),
               "identity": identity}
@@ -108,7 +119,8 @@ def run_chain(out: Path, tasks: list[str], methods: list[str], base: FinetuneSpe
     rows = ["| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for method, stages in report["methods"].items():
         rows.append(f"| {method} | " + " | ".join(f"{100 * s['score']:.1f}" for s in stages) + " |")
-    (out / "chain.md").write_text(f"Probe of the source task {source} after each stage (dev ×100)\n\n" + "\n".join(rows) + "\n")
+    title = f"Probe of the source task {source} after each stage ({pooling} pooling, dev ×100)"
+    (out / "chain.md").write_text(title + "\n\n" + "\n".join(rows) + "\n")
     plot_lines({m: [s["score"] for s in st] for m, st in report["methods"].items()}, labels, out / "chain.png",
                f"{source} probe along the chain", f"{source} probe dev score ×100")
     return report
@@ -137,7 +149,8 @@ def run_cycle(out: Path, tasks: list[str], methods: list[str], cycles: int, base
         for cycle in range(1, cycles + 1):
             scores = {p["task"]: p["score"] for p in probes if p["cycle"] == cycle}
             rows.append(f"| {method} | {cycle} | " + " | ".join(f"{100 * scores[t]:.1f}" for t in tasks) + " |")
-    (out / "cycle.md").write_text("Probe of each task just before training on it (dev ×100)\n\n" + "\n".join(rows) + "\n")
+    title = f"Probe of each task just before training on it ({pooling} pooling, dev ×100)"
+    (out / "cycle.md").write_text(title + "\n\n" + "\n".join(rows) + "\n")
     labels = [f"c{p['cycle']} {p['task']}" for p in next(iter(report["methods"].values()))]
     plot_lines({m: [p["score"] for p in ps] for m, ps in report["methods"].items()}, labels, out / "cycle.png",
                "Probe before each stage, per cycle", "probe dev score ×100")
