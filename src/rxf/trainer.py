@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback, TrainingArguments
+from transformers.training_args import OptimizerNames
 
 from rxf.errors import OptionError, TrainingDiverged
 from rxf.methods import build_method
@@ -125,7 +126,11 @@ class RXFTrainer(Trainer):
         if not args.resolved_bias_correction() and kwargs.get("optimizer_cls_and_kwargs") is None and not own_optimizer:
             kwargs["optimizer_cls_and_kwargs"] = (
                 AdamWNoBiasCorrection,
-                {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon},
+                {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
+                 # The kernel the Trainer gives std++'s AdamW (fused by default, on CPUs too): with
+                 # another one std's seconds are not comparable (on CPUs the single-tensor path
+                 # made std's updates ~40% slower, docs/performance.md).
+                 "fused": args.optim == OptimizerNames.ADAMW_TORCH_FUSED},
             )
         super().__init__(model=model, args=args, **kwargs)
         # Classification: the task loss is a mean over the micro-batch, computed here from the
