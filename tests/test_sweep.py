@@ -283,3 +283,38 @@ def test_open_study_retries_when_another_worker_is_creating_the_schema(tmp_path,
         sqlalchemy.exc.OperationalError("CREATE TABLE", {}, Exception("database is locked"))))
     with pytest.raises(sqlalchemy.exc.OperationalError):  # a lasting failure still surfaces
         sweep.open_study("sst2-r3f", f"sqlite:///{tmp_path / 'shared.db'}", attempts=2)
+
+
+def test_compare_merges_several_sweeps_configs_and_refuses_a_conflict(tiny_checkpoint, glue_like, tmp_path,  # noqa: F811
+                                                                       capsys):
+    """Two sweeps' files (one per optimiser, say) give each method its own settings; a task and
+    method set differently in two files is refused naming both, before anything trains; a
+    method no file configures is said to run at the command's own settings."""
+    a, b, clash = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "clash.json"
+    a.write_text(json.dumps({"sst2": {"std": {"params": {"learning_rate": 3e-4}}}}))
+    b.write_text(json.dumps({"sst2": {"r3f": {"params": {"learning_rate": 1e-4, "r3f_lambda": 0.5}}}}))
+    clash.write_text(json.dumps({"sst2": {"std": {"params": {"learning_rate": 1e-3}}}}))
+    common = ["compare", "--tasks", "sst2", "--seeds", "1", "--model", str(tiny_checkpoint),
+              "--data-dir", str(glue_like), *TINY_RUN, "--max-steps", "2"]
+
+    out = tmp_path / "cmp"
+    assert main([*common, "--methods", "std,r3f,r4f", "--configs", str(a), "--configs", str(b),
+                 "--output-dir", str(out)]) == 0
+    config = {m: json.loads((out / "runs/sst2" / m / "seed1/results.json").read_text())["config"]
+              for m in ("std", "r3f", "r4f")}
+    assert config["std"]["learning_rate"] == 3e-4
+    assert (config["r3f"]["learning_rate"], config["r3f"]["r3f_lambda"]) == (1e-4, 0.5)
+    assert (config["r4f"]["learning_rate"], config["r4f"]["r3f_lambda"]) == (1e-3, 1.0)  # the command's own
+    assert "no configuration for sst2/r4f" in capsys.readouterr().out
+
+    refused = tmp_path / "refused"
+    assert main([*common, "--methods", "std", "--configs", str(a), "--configs", str(clash),
+                 "--output-dir", str(refused)]) == 2
+    err = capsys.readouterr().err
+    assert "sst2/std is configured differently" in err and str(a) in err and str(clash) in err
+    assert not (refused / "runs").exists()
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"sst2": ["std"]}))
+    assert main([*common, "--methods", "std", "--configs", str(bad), "--output-dir", str(refused)]) == 2
+    assert str(bad) in capsys.readouterr().err

@@ -414,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tasks", required=True, help="comma-separated GLUE tasks, e.g. rte,mrpc")
     c.add_argument("--methods", default="std++,r3f,r4f", help="comma-separated methods (default: %(default)s)")
     c.add_argument("--seeds", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated seeds (default: %(default)s)")
-    c.add_argument("--configs", default=None, help="best_configs.json from rxf sweep: per task and method settings")
+    c.add_argument("--configs", action="append", default=None,
+                   help="best_configs.json from rxf sweep: per task and method settings; repeat it to merge "
+                        "several sweeps' files (a task and method configured differently in two is refused)")
     c.add_argument("--output-dir", required=True, help="runs/<task>/<method>/seed<N>/, report.md, plots")
     c.add_argument("--jobs", type=int, default=1, help="runs at once, the cores divided between them (default: 1)")
     add_training_options(c, cmd_compare)

@@ -22,17 +22,35 @@ from rxf.methods.options import MethodOptions, check_methods, method_option_name
 SPEC_OVERRIDES = ("learning_rate", "epochs", "batch_size", "warmup_ratio", "weight_decay")
 
 
-def load_best_configs(path: str | Path | None) -> dict:
-    """{task: {method: {"params": {...}}}} as written by ``rxf sweep``."""
-    if path is None:
+def load_best_configs(paths: str | Path | list | None) -> dict:
+    """{task: {method: {"params": {...}}}} as written by ``rxf sweep``, from one file or
+    several (sweeps of different methods, e.g. one per optimiser), merged. A task and method
+    that two files configure differently is refused: which one a run used would be silent."""
+    if paths is None:
         return {}
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise OptionError(f"--configs: {path} not found") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    merged: dict = {}
+    origin: dict[tuple[str, str], Path] = {}
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        path = Path(path)
+        try:
+            configs = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise OptionError(f"--configs: {path} not found") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(configs, dict) or not all(
+                isinstance(methods, dict) and all(isinstance(e, dict) for e in methods.values())
+                for methods in configs.values()):
+            raise DataError(f"{path}: expected {{task: {{method: {{\"params\": ...}}}}}} as rxf sweep writes it")
+        for task, methods in configs.items():
+            for method, entry in methods.items():
+                known = merged.setdefault(task, {}).get(method)
+                if known is not None and known.get("params") != entry.get("params"):
+                    raise OptionError(f"--configs: {task}/{method} is configured differently in "
+                                      f"{origin[task, method]} and {path}")
+                merged[task][method] = entry
+                origin[task, method] = path
+    return merged
 
 
 def configure(base: FinetuneSpec, options: MethodOptions, task: str, method: str, seed: int, run_dir: Path,
@@ -62,6 +80,11 @@ def run_compare(
                for t, m, s in grid]
     for spec, opts in planned:  # every option checked before the first run starts
         opts.validate()
+    if best_configs:  # a method the sweeps left out runs at the shared settings: say so, once
+        for task, method in dict.fromkeys((t, m) for t, m, _ in grid):
+            if method not in best_configs.get(task, {}):
+                print(f"rxf compare: --configs has no configuration for {task}/{method}; "
+                      f"it runs at the command's own settings", flush=True)
     calls = []
     for i, (spec, opts) in enumerate(planned, start=1):
         done = (Path(spec.output_dir) / RESULTS).is_file()
