@@ -176,3 +176,39 @@ def test_xnli_zero_shot_end_to_end(tiny_checkpoint, data_dir, tmp_path):
     assert report["languages"]["es"]["examples"] == 30
     table = (out / "xnli.md").read_text()
     assert "| method | de | es | avg |" in table
+
+
+def _fake_run(folder: Path, seed: int, learning_rate: float = 2e-5, examples: int = 100, subfolder: str = "") -> None:
+    """A results.json as rxf finetune writes it, reduced to what the report reads."""
+    run = {"task": "cola", "method": "r3f", "seed": seed, "main_metric": "dev/matthews_correlation",
+           "best": {"dev": {"matthews_correlation": 0.1 * seed}}, "seconds_to_best": 10.0 * seed,
+           "spec": {"task": "cola", "seed": seed, "learning_rate": learning_rate, "output_dir": str(folder),
+                    "data_dir": f"/machine{seed}/glue"},
+           "config": {"method": "r3f", "r3f_lambda": 1.0, "seed": seed, "output_dir": str(folder)},
+           "data": {"train": {"source": f"/machine{seed}/glue/CoLA/train.tsv", "examples": examples}}}
+    path = folder / "cola" / "r3f" / subfolder / f"seed{seed}"
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps(run))
+
+
+def test_report_refuses_runs_that_are_not_seeds_of_one_configuration(tmp_path, capsys):
+    """Seeds of one task and method may come from other machines (other paths), but a seed
+    found twice, or a run at another learning rate or on other data, would silently become
+    part of the method's max and median: refused, naming both files."""
+    same = tmp_path / "same"
+    for seed in (1, 2, 3):
+        _fake_run(same, seed)
+    assert main(["report", "--runs", str(same), "--output-dir", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out/report.json").read_text())["summary"]["cola"]["r3f"]["max"] == pytest.approx(0.3)
+
+    for name, extra, says in (("twice", dict(seed=1, subfolder="copy"), "seed 1 twice"),
+                              ("lr", dict(seed=2, learning_rate=5e-5), "spec.learning_rate (2e-05 there, 5e-05 here)"),
+                              ("data", dict(seed=2, examples=99), "examples.train (100 there, 99 here)")):
+        folder = tmp_path / name
+        _fake_run(folder, 1)
+        _fake_run(folder, **extra)
+        capsys.readouterr()
+        assert main(["report", "--runs", str(folder), "--output-dir", str(tmp_path / f"out-{name}")]) == 2
+        err = capsys.readouterr().err
+        assert says in err and str(folder / "cola/r3f") in err
+        assert not (tmp_path / f"out-{name}").exists()

@@ -17,8 +17,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from rxf.errors import DataError
-from rxf.finetune import RESULTS
+from rxf.finetune import NOT_DEFINING, RESULTS
 from rxf.jsonio import write_json_atomic
+from rxf.methods.options import method_option_names
 
 METHOD_ORDER = ("std", "std++", "r3f", "r4f", "smart", "freelb", "rdrop", "neftune", "noisytune", "hype", "childtune",
                 "mixout")
@@ -43,6 +44,44 @@ def main_value(run: dict) -> float:
     return run["best"][split][metric]
 
 
+# Spec fields that may differ between the seeds of one task and method: the seed, where and
+# how a run reported, and where its model and data lay (runs merged from several machines
+# read them from other paths; the number of examples is compared instead).
+_FREE_BETWEEN_SEEDS = {*NOT_DEFINING, "seed", "model", "data_dir", "train_file", "dev_file"}
+
+
+def _settings(run: dict) -> dict:
+    """What one seed of a task and method shares with the others: the defining options
+    and the size of each data split."""
+    spec = {k: v for k, v in run.get("spec", {}).items() if k not in _FREE_BETWEEN_SEEDS}
+    options = {k: v for k, v in run.get("config", {}).items() if k in method_option_names()}
+    examples = {split: d.get("examples") for split, d in run.get("data", {}).items() if isinstance(d, dict)}
+    return {"spec": spec, "options": options, "examples": examples}
+
+
+def check_group(task: str, method: str, group: list[dict]) -> None:
+    """Refuse a task and method whose runs are not seeds of one configuration: a seed found
+    twice (folders copied together), or runs at other settings (another learning rate, an
+    older sweep's choice). Their max and median would be reported as one method's, silently."""
+    first_of_seed: dict[int, dict] = {}
+    for run in group:
+        twin = first_of_seed.setdefault(run["seed"], run)
+        if twin is not run:
+            raise DataError(f"{task}/{method}: seed {run['seed']} twice, in {twin['_path']} and {run['_path']}; "
+                            f"report them from separate folders")
+    reference = _settings(group[0])
+    for run in group[1:]:
+        differs = [f"{section}.{key} ({reference[section].get(key)!r} there, {value.get(key)!r} here)"
+                   for section, value in _settings(run).items()
+                   for key in sorted(set(value) | set(reference[section]))
+                   if value.get(key) != reference[section].get(key)]
+        if differs:
+            raise DataError(f"{run['_path']}: {task}/{method} seed {run['seed']} differs from seed "
+                            f"{group[0]['seed']} ({group[0]['_path']}) in {'; '.join(differs[:4])}"
+                            f"{' ...' if len(differs) > 4 else ''}: not seeds of one configuration; "
+                            f"report them from separate folders")
+
+
 def summarise(runs: list[dict]) -> dict:
     """{task: {method: stats}} with scores over seeds and seconds to the best checkpoint."""
     groups: dict = defaultdict(lambda: defaultdict(list))
@@ -53,6 +92,7 @@ def summarise(runs: list[dict]) -> dict:
         summary[task] = {}
         for method in sorted(by_method, key=_method_key):
             group = sorted(by_method[method], key=lambda r: r["seed"])
+            check_group(task, method, group)
             scores = [main_value(r) for r in group]
             seconds = [r["seconds_to_best"] for r in group if r.get("seconds_to_best") is not None]
             summary[task][method] = {
