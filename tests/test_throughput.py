@@ -3,7 +3,13 @@
 examples with less padding, and sorted evaluation gives the same metrics."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import pytest
 import torch
 from test_experiments import TINY_RUN, glue_like  # noqa: F401 (a fixture)
 
@@ -65,3 +71,51 @@ def test_group_by_length_is_a_defining_option_and_trains(tiny_checkpoint, glue_l
     capsys.readouterr()
     assert main(args) == 2  # the same folder without grouping is another run
     assert "group_by_length" in capsys.readouterr().err
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill -9 of the command"])
+def test_a_stopped_command_with_two_jobs_leaves_no_run_going(stop, tiny_checkpoint, glue_like, tmp_path):  # noqa: F811
+    """Ctrl-C (SIGINT to the terminal's whole process group) stops ``--jobs 2`` at once and
+    starts no queued run (the pool used to start them while it waited); a command killed
+    outright takes its workers with it, so no run goes on writing a folder that the
+    restarted command resumes."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "rxf.cli", "compare", "--tasks", "sst2", "--methods", "std,r3f", "--seeds", "1,2",
+               "--model", str(tiny_checkpoint), "--data-dir", str(glue_like), "--output-dir", str(out), "--jobs", "2",
+               *TINY_RUN, "--epochs", "1000", "--eval-steps", "100000"]
+    # A shell's background job ignores SIGINT; a terminal's foreground job does not.
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        started = [out / "runs/sst2/std" / f"seed{s}" / "run.json" for s in (1, 2)]
+        assert _until(lambda: all(p.is_file() for p in started), 120), process.communicate(timeout=5)
+        time.sleep(3)  # both workers inside their training loops
+        if stop == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+            assert process.wait(timeout=60) == 130
+            assert "interrupted; the same command resumes" in process.stderr.read()
+        else:
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+        assert _until(lambda: not _group_alive(process.pid), 30), "a worker outlived the command"
+        assert not (out / "runs/sst2/r3f").exists()  # the queued runs never started
+    finally:
+        if _group_alive(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)

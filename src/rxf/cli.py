@@ -543,6 +543,11 @@ def main(argv: list[str] | None = None) -> int:
     except RXFError as exc:
         print(f"rxf {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Runs stop as if killed: each resumes from its last checkpoint when the command is rerun.
+        print(f"rxf {args.command}: interrupted; the same command resumes from the last checkpoints",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
