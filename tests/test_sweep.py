@@ -19,6 +19,7 @@ from rxf.cli import main
 from rxf.experiments import sweep
 
 LR3 = [1e-3, 3e-4, 1e-4]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def sweep_args(tiny_checkpoint, glue_like, out, methods="std,r3f", budget=3, space=None):  # noqa: F811
@@ -260,6 +261,21 @@ def test_sweep_runs_the_budget_per_method_and_resumes(tiny_checkpoint, glue_like
     run = json.loads((cmp / "runs/sst2/r3f/seed1/results.json").read_text())
     assert run["config"]["r3f_lambda"] == best["sst2"]["r3f"]["params"]["r3f_lambda"]
     assert run["config"]["learning_rate"] == best["sst2"]["r3f"]["params"]["learning_rate"]
+
+    # The chosen trial is the comparison's run for the sweep's seed: scripts/runs_from_sweep.py
+    # copies it, and rxf compare takes it as finished, after checking it is that very run.
+    seeded = tmp_path / "seeded"
+    subprocess.run([sys.executable, str(ROOT / "scripts/runs_from_sweep.py"), str(out), str(seeded)], check=True)
+    copied = list(seeded.glob("runs/sst2/*/seed*/results.json"))
+    assert sorted(p.parent.parent.name for p in copied) == ["r3f", "std"]
+    seed = json.loads(copied[0].read_text())["seed"]
+    before = {p: p.read_text() for p in copied}
+    compare = ["compare", "--tasks", "sst2", "--methods", "std,r3f", "--seeds", str(seed), "--model", str(tiny_checkpoint),
+               "--data-dir", str(glue_like), "--configs", str(out / "best_configs.json"), "--output-dir", str(seeded)]
+    assert main([*compare, *TINY_RUN]) == 0
+    assert {p: p.read_text() for p in copied} == before and not list(seeded.glob("runs/*/*/*/best"))
+    # Compared at other settings, the copied trial is another run: refused, not reported.
+    assert main([*compare, *TINY_RUN, "--max-length", "40"]) == 2
 
 
 def test_open_study_retries_when_another_worker_is_creating_the_schema(tmp_path, monkeypatch):
