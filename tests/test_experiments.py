@@ -198,6 +198,13 @@ def test_report_refuses_runs_that_are_not_seeds_of_one_configuration(tmp_path, c
     same = tmp_path / "same"
     for seed in (1, 2, 3):
         _fake_run(same, seed)
+    # Seeds 1-2 record an option (at its default) that seed 3's older rxf did not have yet:
+    # it counts at its default there, as when a run folder is resumed.
+    for seed in (1, 2):
+        record = same / f"cola/r3f/seed{seed}/results.json"
+        newer = json.loads(record.read_text())
+        newer["config"]["r3f_noised_no_grad"] = False
+        record.write_text(json.dumps(newer))
     assert main(["report", "--runs", str(same), "--output-dir", str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out/report.json").read_text())["summary"]["cola"]["r3f"]["max"] == pytest.approx(0.3)
 

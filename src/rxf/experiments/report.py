@@ -11,6 +11,7 @@ several machines merge by copying their folders together.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from collections import defaultdict
@@ -19,7 +20,8 @@ from pathlib import Path
 from rxf.errors import DataError
 from rxf.finetune import NOT_DEFINING, RESULTS
 from rxf.jsonio import write_json_atomic
-from rxf.methods.options import method_option_names
+from rxf.methods.options import MethodOptions, method_option_names
+from rxf.spec import FinetuneSpec
 
 METHOD_ORDER = ("std", "std++", "r3f", "r4f", "smart", "freelb", "rdrop", "neftune", "noisytune", "hype", "childtune",
                 "mixout")
@@ -52,9 +54,14 @@ _FREE_BETWEEN_SEEDS = {*NOT_DEFINING, "seed", "model", "data_dir", "train_file",
 
 def _settings(run: dict) -> dict:
     """What one seed of a task and method shares with the others: the defining options
-    and the size of each data split."""
-    spec = {k: v for k, v in run.get("spec", {}).items() if k not in _FREE_BETWEEN_SEEDS}
-    options = {k: v for k, v in run.get("config", {}).items() if k in method_option_names()}
+    and the size of each data split. An option that a run's rxf did not have yet counts at
+    its default (the behaviour that run had), as when a run folder is resumed."""
+    spec_defaults = dataclasses.asdict(FinetuneSpec())
+    option_defaults = dataclasses.asdict(MethodOptions())
+    recorded_spec, recorded_options = run.get("spec", {}), run.get("config", {})
+    spec = {k: recorded_spec.get(k, spec_defaults.get(k)) for k in {*recorded_spec, *spec_defaults}
+            if k not in _FREE_BETWEEN_SEEDS}
+    options = {k: recorded_options.get(k, option_defaults.get(k)) for k in method_option_names()}
     examples = {split: d.get("examples") for split, d in run.get("data", {}).items() if isinstance(d, dict)}
     return {"spec": spec, "options": options, "examples": examples}
 
