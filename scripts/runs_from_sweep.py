@@ -6,7 +6,9 @@ for that seed (same options, same data), so its ``run.json`` and ``results.json`
 copied to ``<compare>/runs/<task>/<method>/seed<seed>/``. ``rxf compare`` then checks the
 copied ``run.json`` against the run it would start and refuses the folder if anything
 differs, so a copy can never stand in for another run. Checkpoints are not copied (the
-report needs only ``results.json``).
+report needs only ``results.json``; ``rxf probe --runs`` finds no ``best/`` there). The
+comparison's ``--seeds`` must include the sweep's ``--seed`` (rxf's default is 42) for the
+copy to be used: ``rxf compare`` reports only the runs it was asked for.
 
     python scripts/runs_from_sweep.py runs/table2-sweep-bc runs/table2 --tasks cola
 """
@@ -19,7 +21,10 @@ from pathlib import Path
 
 def chosen_trials(sweep: Path, tasks: list[str] | None):
     """(task, method, trial folder) of every configuration best_configs.json names."""
-    best = json.loads((sweep / "best_configs.json").read_text())
+    try:
+        best = json.loads((sweep / "best_configs.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"{sweep / 'best_configs.json'}: cannot be read ({exc})") from None
     for task, methods in best.items():
         if tasks and task not in tasks:
             continue
@@ -41,7 +46,12 @@ def main() -> None:
     parser.add_argument("compare", type=Path, help="the comparison's --output-dir")
     parser.add_argument("--tasks", default="", help="comma-separated tasks (default: all the sweep chose for)")
     args = parser.parse_args()
-    for task, method, trial in chosen_trials(args.sweep, [t for t in args.tasks.split(",") if t]):
+    tasks = [t for t in args.tasks.split(",") if t]
+    chosen = list(chosen_trials(args.sweep, tasks))
+    if not chosen:
+        raise SystemExit(f"{args.sweep}: best_configs.json names no configuration"
+                         f"{' for ' + ', '.join(tasks) if tasks else ''}")
+    for task, method, trial in chosen:
         seed = json.loads((trial / "run.json").read_text())["spec"]["seed"]
         target = args.compare / "runs" / task / method / f"seed{seed}"
         if (target / "results.json").is_file():
@@ -50,7 +60,7 @@ def main() -> None:
         target.mkdir(parents=True, exist_ok=True)
         for name in ("run.json", "results.json"):
             shutil.copy2(trial / name, target / name)
-        print(f"{trial} -> {target}")
+        print(f"{task} {method}: the sweep's trial {trial.name} is seed {seed}'s run -> {target}")
 
 
 if __name__ == "__main__":

@@ -219,3 +219,31 @@ def test_report_refuses_runs_that_are_not_seeds_of_one_configuration(tmp_path, c
         err = capsys.readouterr().err
         assert says in err and str(folder / "cola/r3f") in err
         assert not (tmp_path / f"out-{name}").exists()
+
+
+def test_report_compares_the_model_and_data_digests_of_run_json(tmp_path, capsys):
+    """Seeds trained from another model, or on data of the same size but other content,
+    differ only in the digests run.json keeps beside results.json: refused too."""
+    for name, key, value in (("model", "model_files", "other"), ("data", "data", {"train": "other", "dev": "d"})):
+        folder = tmp_path / name
+        for seed in (1, 2):
+            _fake_run(folder, seed)
+            record = {"model_files": "m", "data": {"train": "t", "dev": "d"}}
+            if seed == 2:
+                record[key] = value
+            (folder / f"cola/r3f/seed{seed}/run.json").write_text(json.dumps(record))
+        assert main(["report", "--runs", str(folder), "--output-dir", str(tmp_path / f"out-{name}")]) == 2
+        assert f"content.{'model_files' if name == 'model' else 'data.train'}" in capsys.readouterr().err
+    # A run without run.json (copied results only) is compared on what it has.
+    (tmp_path / "model/cola/r3f/seed2/run.json").unlink()
+    assert main(["report", "--runs", str(tmp_path / "model"), "--output-dir", str(tmp_path / "out-ok")]) == 0
+
+
+def test_report_refuses_a_folder_it_cannot_read_in_one_line(tmp_path, capsys):
+    assert main(["report", "--runs", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: not found" in capsys.readouterr().err
+    for content in ([], {}, {"task": "cola", "method": "r3f", "seed": "1", "main_metric": "m", "best": {}}):
+        (tmp_path / "runs").mkdir(exist_ok=True)
+        (tmp_path / "runs/results.json").write_text(json.dumps(content))
+        assert main(["report", "--runs", str(tmp_path / "runs")]) == 2
+        assert "not the results.json of an rxf run" in capsys.readouterr().err

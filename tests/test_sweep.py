@@ -276,6 +276,10 @@ def test_sweep_runs_the_budget_per_method_and_resumes(tiny_checkpoint, glue_like
     assert {p: p.read_text() for p in copied} == before and not list(seeded.glob("runs/*/*/*/best"))
     # Compared at other settings, the copied trial is another run: refused, not reported.
     assert main([*compare, *TINY_RUN, "--max-length", "40"]) == 2
+    # A comparison of other seeds in the same folder reports only those: the copied seed
+    # would otherwise join their max and median.
+    assert main([*compare[:6], str(seed + 1), *compare[7:], *TINY_RUN, "--max-steps", "2"]) == 0
+    assert json.loads((seeded / "report.json").read_text())["summary"]["sst2"]["std"]["seeds"] == [seed + 1]
 
 
 def test_open_study_retries_when_another_worker_is_creating_the_schema(tmp_path, monkeypatch):
@@ -334,3 +338,57 @@ def test_compare_merges_several_sweeps_configs_and_refuses_a_conflict(tiny_check
     bad.write_text(json.dumps({"sst2": ["std"]}))
     assert main([*common, "--methods", "std", "--configs", str(bad), "--output-dir", str(refused)]) == 2
     assert str(bad) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, says", [
+    ({"sst2": {"std": {"learning_rate": 0.01}}}, 'sst2/std: expected {"params"'),  # no "params": was ignored
+    ({"sst2": {"std": {"params": [1, 2]}}}, 'sst2/std: expected {"params"'),
+    ({"sst2": {"std": {"params": None}}}, 'sst2/std: expected {"params"'),
+    ({"sst2": {"stdd": {"params": {"learning_rate": 0.01}}}}, "sst2/stdd: unknown method"),
+    ({"sst2": {"std": {"params": {"method": "r3f"}}}}, "unknown parameter 'method'"),
+    ({"sst2": {"std": {"params": {"learning_rate": "0.001"}}}}, "learning_rate must be float, got '0.001'"),
+    ({"sst2": {"std": {"params": {"epochs": True}}}}, "epochs must be float, got True"),
+    ({"sst2": {"r3f": {"params": {"noise_type": "bogus"}}}}, "--configs sst2/r3f: noise_type"),
+    ({"sst2": {"r3f": {"params": {"learning_rate": -1}}}}, "--configs sst2/r3f: --learning-rate must be > 0"),
+])
+def test_a_bad_configuration_is_refused_before_anything_trains(content, says, tiny_checkpoint, glue_like,  # noqa: F811
+                                                                tmp_path, capsys):
+    """Every entry of --configs is checked, with the file, task and method named, before the
+    first run starts: a run at a value the file did not mean (an entry without "params" was
+    ignored) or a traceback after other runs had trained were the alternatives."""
+    configs = tmp_path / "configs.json"
+    configs.write_text(json.dumps(content))
+    out = tmp_path / "cmp"
+    assert main(["compare", "--tasks", "sst2", "--methods", "std,r3f", "--seeds", "1", "--model", str(tiny_checkpoint),
+                 "--data-dir", str(glue_like), "--configs", str(configs), "--output-dir", str(out),
+                 *TINY_RUN, "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not list(out.glob("runs/*/*/*/results.json"))
+
+
+def test_configs_that_configure_nothing_are_said_and_a_folder_is_refused(tiny_checkpoint, glue_like, tmp_path,  # noqa: F811
+                                                                         capsys):
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    common = ["compare", "--tasks", "sst2", "--methods", "std", "--seeds", "1", "--model", str(tiny_checkpoint),
+              "--data-dir", str(glue_like), *TINY_RUN, "--max-steps", "2"]
+    assert main([*common, "--configs", str(tmp_path), "--output-dir", str(tmp_path / "a")]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+    assert main([*common, "--configs", str(empty), "--output-dir", str(tmp_path / "b")]) == 0
+    assert "no configuration for sst2/std" in capsys.readouterr().out
+    assert main(["sweep", "--tasks", "sst2", "--methods", "std", "--jobs", "0", "--model", str(tiny_checkpoint),
+                 "--data-dir", str(glue_like), "--output-dir", str(tmp_path / "s"), *TINY_RUN]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
+def test_runs_from_sweep_says_when_it_has_nothing_to_copy(tmp_path):
+    script = [sys.executable, str(ROOT / "scripts/runs_from_sweep.py")]
+    missing = subprocess.run([*script, str(tmp_path / "nowhere"), str(tmp_path / "cmp")], capture_output=True, text=True)
+    assert missing.returncode != 0 and "best_configs.json: cannot be read" in missing.stderr
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep/best_configs.json").write_text(json.dumps({"sst2": {}}))
+    nothing = subprocess.run([*script, str(tmp_path / "sweep"), str(tmp_path / "cmp"), "--tasks", "rte"],
+                             capture_output=True, text=True)
+    assert nothing.returncode != 0 and "names no configuration for rte" in nothing.stderr
+    assert not (tmp_path / "cmp").exists()

@@ -535,10 +535,10 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand's parser, whose --help lists what it takes
         parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    from rxf.console import quiet_libraries
-
-    quiet_libraries()
     try:
+        from rxf.console import quiet_libraries
+
+        quiet_libraries()
         return args.func(args)
     except RXFError as exc:
         print(f"rxf {args.command}: error: {exc}", file=sys.stderr)

@@ -50,7 +50,15 @@ def _start_job(threads: int, parent: int) -> None:
     the command in charge of interrupts and of this process's life."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with(parent)
+    import threading
+
     import torch
+    from tqdm import tqdm
+
+    # tqdm's default lock is a named multiprocessing semaphore; a worker terminated by an
+    # interrupt never releases it, and Python then reports it as leaked. Workers print no
+    # progress bars, so a thread lock serves.
+    tqdm.set_lock(threading.RLock())
 
     from rxf.console import quiet_libraries
 
@@ -96,7 +104,7 @@ def run_jobs(function: Callable, calls: Iterable[tuple], jobs: int = 1) -> list[
             worker.terminate()
         for worker in workers:
             worker.join()
-        pool.shutdown()  # returns at once, its workers gone; frees the pool's queues
+        pool.shutdown()  # returns at once, its workers gone
         raise
     pool.shutdown()
     if first_error is not None:

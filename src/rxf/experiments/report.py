@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from rxf.errors import DataError
-from rxf.finetune import NOT_DEFINING, RESULTS
+from rxf.finetune import NOT_DEFINING, RESULTS, RUN_RECORD
 from rxf.jsonio import write_json_atomic
 from rxf.methods.options import MethodOptions, method_option_names
 from rxf.spec import FinetuneSpec
@@ -27,14 +27,31 @@ METHOD_ORDER = ("std", "std++", "r3f", "r4f", "smart", "freelb", "rdrop", "neftu
                 "mixout")
 
 
-def collect(folder: Path) -> list[dict]:
-    """Every ``results.json`` below ``folder`` (sorted by path)."""
+_REQUIRED = {"task": str, "method": str, "seed": int, "main_metric": str, "best": dict}
+
+
+def collect(folder: Path, paths: list[Path] | None = None) -> list[dict]:
+    """Every ``results.json`` below ``folder`` (sorted by path), or the files ``paths``,
+    each with its ``run.json`` beside it when there is one (``_record``)."""
+    if paths is None:
+        if not Path(folder).is_dir():
+            raise DataError(f"{folder}: not found (expected a folder of runs)")
+        paths = sorted(Path(folder).rglob(RESULTS))
     runs = []
-    for path in sorted(Path(folder).rglob(RESULTS)):
+    for path in paths:
         try:
-            run = json.loads(path.read_text())
+            run = json.loads(Path(path).read_text())
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(run, dict) or any(not isinstance(run.get(k), t) or isinstance(run.get(k), bool)
+                                            for k, t in _REQUIRED.items()):
+            raise DataError(f"{path}: not the results.json of an rxf run (needs "
+                            f"{', '.join(f'{k} ({t.__name__})' for k, t in _REQUIRED.items())})")
+        record = Path(path).with_name(RUN_RECORD)
+        try:
+            run["_record"] = json.loads(record.read_text()) if record.is_file() else None
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{record}:{exc.lineno}: not valid JSON ({exc.msg})") from None
         run["_path"] = str(path)
         runs.append(run)
     return runs
@@ -54,16 +71,20 @@ _FREE_BETWEEN_SEEDS = {*NOT_DEFINING, "seed", "model", "data_dir", "train_file",
 
 def _settings(run: dict) -> dict:
     """What one seed of a task and method shares with the others: the defining options
-    and the size of each data split. An option that a run's rxf did not have yet counts at
-    its default (the behaviour that run had), as when a run folder is resumed."""
+    (those this rxf knows; one that a run's older rxf did not have yet counts at its
+    default, the behaviour that run had, as when a run folder is resumed), the size of
+    each data split and, from ``run.json`` where it lies beside the results, the digests
+    of the model's files and of the data's content."""
     spec_defaults = dataclasses.asdict(FinetuneSpec())
     option_defaults = dataclasses.asdict(MethodOptions())
     recorded_spec, recorded_options = run.get("spec", {}), run.get("config", {})
-    spec = {k: recorded_spec.get(k, spec_defaults.get(k)) for k in {*recorded_spec, *spec_defaults}
-            if k not in _FREE_BETWEEN_SEEDS}
+    spec = {k: recorded_spec.get(k, default) for k, default in spec_defaults.items() if k not in _FREE_BETWEEN_SEEDS}
     options = {k: recorded_options.get(k, option_defaults.get(k)) for k in method_option_names()}
     examples = {split: d.get("examples") for split, d in run.get("data", {}).items() if isinstance(d, dict)}
-    return {"spec": spec, "options": options, "examples": examples}
+    record = run.get("_record") or {}
+    content = {"model_files": record.get("model_files"), **{f"data.{k}": v for k, v in record.get("data", {}).items()}}
+    return {"spec": spec, "options": options, "examples": examples,
+            "content": {k: v for k, v in content.items() if v is not None}}
 
 
 def check_group(task: str, method: str, group: list[dict]) -> None:
@@ -78,9 +99,12 @@ def check_group(task: str, method: str, group: list[dict]) -> None:
                             f"report them from separate folders")
     reference = _settings(group[0])
     for run in group[1:]:
+        settings = _settings(run)
         differs = [f"{section}.{key} ({reference[section].get(key)!r} there, {value.get(key)!r} here)"
-                   for section, value in _settings(run).items()
-                   for key in sorted(set(value) | set(reference[section]))
+                   for section, value in settings.items()
+                   # A digest only one of the two runs recorded cannot be compared.
+                   for key in sorted(set(value) & set(reference[section]) if section == "content"
+                                     else set(value) | set(reference[section]))
                    if value.get(key) != reference[section].get(key)]
         if differs:
             raise DataError(f"{run['_path']}: {task}/{method} seed {run['seed']} differs from seed "
@@ -177,11 +201,12 @@ def _violins(ax, data: list[list[float]], labels: list[str]) -> None:
     ax.set_xticks(positions, labels)
 
 
-def write_report(runs_folder: Path, out: Path | None = None) -> dict:
-    """Collect the runs below ``runs_folder`` and write report.md, report.json and the
-    plots into ``out`` (default: ``runs_folder``). Returns the summary."""
+def write_report(runs_folder: Path, out: Path | None = None, paths: list[Path] | None = None) -> dict:
+    """Collect the runs below ``runs_folder`` (or only the ``results.json`` files
+    ``paths``) and write report.md, report.json and the plots into ``out`` (default:
+    ``runs_folder``). Returns the summary."""
     out = Path(out or runs_folder)
-    runs = collect(runs_folder)
+    runs = collect(runs_folder, paths)
     if not runs:
         raise DataError(f"{runs_folder}: no {RESULTS} files found below it")
     summary = summarise(runs)

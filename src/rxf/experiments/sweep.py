@@ -420,6 +420,8 @@ def run_sweep(
 ) -> dict:
     """Sweep every task and method with the same budget; write best_configs.json. With
     ``jobs`` > 1, that many workers share each study (``rxf.experiments.parallel``)."""
+    if jobs < 1:
+        raise OptionError(f"--jobs must be >= 1, got {jobs}")
     if jobs > 1:
         from rxf.experiments.parallel import run_jobs
 
