@@ -65,6 +65,11 @@ def test_compare_runs_the_grid_and_reports(tiny_checkpoint, glue_like, tmp_path,
     merged = tmp_path / "merged"
     assert main(["report", "--runs", str(out / "runs"), "--output-dir", str(merged)]) == 0
     assert json.loads((merged / "report.json").read_text())["summary"] == report
+    # --seeds: e.g. all but the seed a sweep chose the configuration on.
+    assert main(["report", "--runs", str(out / "runs"), "--output-dir", str(merged), "--seeds", "2"]) == 0
+    only = json.loads((merged / "report.json").read_text())["summary"]
+    assert only["rte"]["r3f"]["seeds"] == [2] and only["rte"]["r3f"]["scores"] == report["rte"]["r3f"]["scores"][1:]
+    assert main(["report", "--runs", str(out / "runs"), "--output-dir", str(merged), "--seeds", "7"]) == 2
 
 
 def test_cost_counts_the_paper_table_passes(tiny_checkpoint, capsys):

@@ -188,7 +188,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from rxf.experiments.report import write_report
 
-    write_report(Path(args.runs), Path(args.output_dir) if args.output_dir else None)
+    seeds = set(_split(args.seeds, "--seeds", int)) if args.seeds else None
+    write_report(Path(args.runs), Path(args.output_dir) if args.output_dir else None, seeds=seeds)
     print((Path(args.output_dir or args.runs) / "report.md").read_text())
     return 0
 
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="rebuild tables and plots from a folder of results.json files")
     r.add_argument("--runs", required=True, help="folder searched recursively for results.json")
     r.add_argument("--output-dir", default=None, help="where report.md and the plots go (default: --runs)")
+    r.add_argument("--seeds", default=None,
+                   help="comma-separated seeds to report (default: all), e.g. all but the seed a sweep chose on")
     r.set_defaults(func=cmd_report)
 
     w = sub.add_parser("sweep", help="fixed-budget hyper-parameter search per method with Optuna")

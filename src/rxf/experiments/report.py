@@ -201,14 +201,16 @@ def _violins(ax, data: list[list[float]], labels: list[str]) -> None:
     ax.set_xticks(positions, labels)
 
 
-def write_report(runs_folder: Path, out: Path | None = None, paths: list[Path] | None = None) -> dict:
+def write_report(runs_folder: Path, out: Path | None = None, paths: list[Path] | None = None,
+                 seeds: set[int] | None = None) -> dict:
     """Collect the runs below ``runs_folder`` (or only the ``results.json`` files
-    ``paths``) and write report.md, report.json and the plots into ``out`` (default:
-    ``runs_folder``). Returns the summary."""
+    ``paths``; only the ``seeds`` given) and write report.md, report.json and the plots
+    into ``out`` (default: ``runs_folder``). Returns the summary."""
     out = Path(out or runs_folder)
-    runs = collect(runs_folder, paths)
+    runs = [run for run in collect(runs_folder, paths) if seeds is None or run["seed"] in seeds]
     if not runs:
-        raise DataError(f"{runs_folder}: no {RESULTS} files found below it")
+        raise DataError(f"{runs_folder}: no {RESULTS} files found below it"
+                        f"{' for seeds ' + ', '.join(map(str, sorted(seeds))) if seeds else ''}")
     summary = summarise(runs)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "report.md.tmp"
