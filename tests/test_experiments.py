@@ -52,6 +52,13 @@ def test_compare_runs_the_grid_and_reports(tiny_checkpoint, glue_like, tmp_path,
             assert report[task][method]["max"] == max(scores)
             assert report[task][method]["median"] == statistics.median(scores)
             assert f"{100 * max(scores):.1f}" in (out / "report.md").read_text()
+            # Figure 1's two factors: updates to the best checkpoint and seconds per update.
+            results = [json.loads((out / "runs" / task / method / f"seed{s}" / "results.json").read_text())
+                       for s in (1, 2)]
+            assert report[task][method]["median_best_update"] == statistics.median(r["best_step"] for r in results)
+            assert report[task][method]["median_seconds_per_update"] == pytest.approx(
+                statistics.median(r["train_seconds"] / r["updates"] for r in results))
+    assert "| median best update | median s per update |" in (out / "report.md").read_text()
     for png in ("violin_sst2.png", "violin_rte.png", "seconds_to_best.png"):
         image = plt.imread(out / png)
         assert image.ndim == 3 and image.shape[0] > 100

@@ -2,6 +2,9 @@
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -16,6 +19,8 @@ from rxf.probing.features import cached_features, load_encoder
 from rxf.probing.probe import probe_checkpoint, train_linear_probe
 from rxf.tasks import get_task
 from rxf.tasks.loading import Examples
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # --- drift measures --------------------------------------------------------------------
 
@@ -232,3 +237,60 @@ def test_probe_every_run_of_a_compare_with_mean_and_std_per_method(tiny_checkpoi
         assert group["n"] == 2 and group["mean"] == pytest.approx(np.mean(scores))
         assert group["std"] == pytest.approx(np.std(scores, ddof=1))
     assert "| std | " in (out / "probe.md").read_text() and plt.imread(out / "probe.png").ndim == 3
+
+    # The same encoders probed seed by seed (another session each), then merged, give the
+    # same report as the one probe of all of them.
+    common = ["--include-base", "--tasks", "sst2,rte", "--model", str(tiny_checkpoint), "--data-dir", str(glue_like),
+              "--reference", "base", "--cka-samples", "16"]
+    best = {f"{m}/seed{s}": runs / "runs" / "sst2" / m / f"seed{s}" / "best" for m in ("std", "r3f") for s in (1, 2)}
+    for seed in (1, 2):
+        picked = [f"--checkpoint={name}={path}" for name, path in best.items() if name.endswith(str(seed))]
+        assert main(["probe", *picked, *common, "--output-dir", str(tmp_path / f"seed{seed}"), "--max-length", "48"]) == 0
+    assert main(["probe", "--runs", str(runs), *common, "--output-dir", str(tmp_path / "all"), "--max-length", "48"]) == 0
+    merge = [sys.executable, str(ROOT / "scripts" / "merge_probes.py"), str(tmp_path / "seed1"), str(tmp_path / "seed2")]
+    done = subprocess.run([*merge, "--output-dir", str(tmp_path / "merged")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    merged, whole = (json.loads((tmp_path / d / "probe.json").read_text()) for d in ("merged", "all"))
+    assert set(merged["probes"]) == set(whole["probes"]) == {"pre-trained", *best}
+    for method in ("std", "r3f"):
+        for task in ("sst2", "rte"):
+            assert merged["groups"][method][task]["n"] == 2
+            assert merged["groups"][method][task]["mean"] == pytest.approx(whole["groups"][method][task]["mean"])
+            assert merged["groups"][method][task]["std"] == pytest.approx(whole["groups"][method][task]["std"])
+    assert set(merged["drift"]["checkpoints"]) == set(whole["drift"]["checkpoints"])
+    assert plt.imread(tmp_path / "merged" / "probe.png").ndim == 3 and (tmp_path / "merged" / "cka.png").is_file()
+
+    # Reports probed differently, or with no encoder in common, are refused by name.
+    assert main(["probe", *[f"--checkpoint=std/seed2={best['std/seed2']}"], *common,
+                 "--output-dir", str(tmp_path / "short"), "--max-length", "24"]) == 0
+    refused = subprocess.run([*merge[:3], str(tmp_path / "short"), "--output-dir", str(tmp_path / "bad")],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "max_length" in refused.stderr and "short" in refused.stderr
+    assert not (tmp_path / "bad").exists()
+    lone = tmp_path / "lone"
+    assert main(["probe", f"--checkpoint=std/seed2={best['std/seed2']}", "--tasks", "sst2,rte", "--model",
+                 str(tiny_checkpoint), "--data-dir", str(glue_like), "--output-dir", str(lone), "--max-length", "48"]) == 0
+    refused = subprocess.run([*merge[:3], str(lone), "--output-dir", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert refused.returncode != 0 and "share no probed encoder" in refused.stderr
+    # Writing over one of its own inputs, or one encoder under two names (two "seeds"), is refused.
+    refused = subprocess.run([*merge, "--output-dir", str(tmp_path / "seed2")], capture_output=True, text=True)
+    assert refused.returncode != 0 and "is one of the reports to merge" in refused.stderr
+    renamed = json.loads((tmp_path / "seed2" / "probe.json").read_text())
+    renamed["probes"]["std/seed3"] = renamed["probes"].pop("std/seed2")
+    renamed["checkpoints"]["std/seed3"] = str(best["std/seed1"])
+    renamed["drift"]["checkpoints"]["std/seed3"] = renamed["drift"]["checkpoints"].pop("std/seed2")
+    (tmp_path / "renamed").mkdir()
+    (tmp_path / "renamed" / "probe.json").write_text(json.dumps(renamed))
+    refused = subprocess.run([*merge[:3], str(tmp_path / "renamed"), "--output-dir", str(tmp_path / "bad")],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "one encoder would count as two seeds" in refused.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_probe_names_a_missing_checkpoint_folder_before_probing(tiny_checkpoint, glue_like, tmp_path, capsys):  # noqa: F811
+    args = ["probe", f"--checkpoint=std/seed1={tmp_path / 'runs' / 'std' / 'seed1' / 'best'}", "--tasks", "sst2",
+            "--model", str(tiny_checkpoint), "--data-dir", str(glue_like), "--output-dir", str(tmp_path / "out")]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "--checkpoint" in err and "seed1/best is not a folder" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -126,6 +126,10 @@ def summarise(runs: list[dict]) -> dict:
             check_group(task, method, group)
             scores = [main_value(r) for r in group]
             seconds = [r["seconds_to_best"] for r in group if r.get("seconds_to_best") is not None]
+            # Figure 1's seconds to best = updates to best x seconds per update: the first is
+            # the method's, the second also the machine's (and whatever else ran on it).
+            best_updates = [r["best_step"] for r in group if r.get("best_step") is not None]
+            per_update = [r["train_seconds"] / r["updates"] for r in group if r.get("train_seconds") and r.get("updates")]
             summary[task][method] = {
                 "metric": group[0]["main_metric"],
                 "seeds": [r["seed"] for r in group],
@@ -138,6 +142,8 @@ def summarise(runs: list[dict]) -> dict:
                 "min": min(scores),
                 "seconds_to_best": seconds,
                 "median_seconds_to_best": statistics.median(seconds) if seconds else None,
+                "median_best_update": statistics.median(best_updates) if best_updates else None,
+                "median_seconds_per_update": statistics.median(per_update) if per_update else None,
             }
     return summary
 
@@ -159,11 +165,15 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {method} {stat} | " + " | ".join(cells) + " |")
     for task in tasks:
         lines += ["", f"## {task}", "",
-                  "| method | seeds | max | median | mean ± std | min | median s to best |", "|---|---|---|---|---|---|---|"]
+                  "| method | seeds | max | median | mean ± std | min | median s to best | median best update "
+                  "| median s per update |", "|---|---|---|---|---|---|---|---|---|"]
         for method, s in summary[task].items():
-            secs = f"{s['median_seconds_to_best']:.0f}" if s["median_seconds_to_best"] is not None else "–"
+            secs, update, per_update = (
+                f"{s[key]:{form}}" if s.get(key) is not None else "–" for key, form in (
+                    ("median_seconds_to_best", ".0f"), ("median_best_update", ".0f"), ("median_seconds_per_update", ".2f")))
             lines.append(f"| {method} | {s['n']} | {100 * s['max']:.1f} | {100 * s['median']:.1f} | "
-                         f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} | {100 * s['min']:.1f} | {secs} |")
+                         f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f} | {100 * s['min']:.1f} | {secs} | {update} "
+                         f"| {per_update} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rxf.errors import unloadable_model
 from rxf.models import check_model_folder, model_fingerprint
 from rxf.tasks.loading import Examples
 
@@ -26,8 +27,11 @@ def load_encoder(path: str, trust_remote_code: bool = False):
     from transformers import AutoModel, AutoTokenizer
 
     check_model_folder("--checkpoint", path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    encoder = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        encoder = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
+    except Exception as exc:  # OSError (no such folder or hub model), ValueError, safetensors' errors alike
+        raise unloadable_model("--checkpoint", path, exc) from None
     encoder.requires_grad_(False)
     return tokenizer, encoder
 

@@ -28,6 +28,8 @@ from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from rxf.errors import OptionError
+from rxf.models import check_model_folder
 from rxf.spec import FinetuneSpec
 from rxf.tasks.data import load_task_data
 from rxf.jsonio import write_json_atomic
@@ -110,14 +112,29 @@ def run_probe(
     """Probe every task with every checkpoint; write probe.json, probe.md, probe.png
     (and cka.json, cka.png with a reference) in ``out``."""
     data = {task: task_splits(task, base, task_data) for task in tasks}  # every file checked first
+    for checkpoint in checkpoints.values():  # and every local model folder, before an hour of probing
+        if not Path(checkpoint).is_dir() and (checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1):
+            raise OptionError(f"--checkpoint: {checkpoint} is not a folder")
+        check_model_folder("--checkpoint", checkpoint)
     results: dict = {}
     for name, checkpoint in checkpoints.items():
         loaded = load_encoder(checkpoint, base.trust_remote_code)
         results[name] = {task: probe_checkpoint(checkpoint, get_task(task), data[task], base.seed, base.max_length,
                                                 pooling, loaded) for task in tasks}
-    report = {"checkpoints": checkpoints, "tasks": tasks, "probes": results, "groups": group_scores(results, tasks)}
+    # What makes two probe reports comparable (scripts/merge_probes.py checks it).
+    settings = {"max_length": base.max_length, "pooling": pooling, "seed": base.seed,
+                "max_train_samples": base.max_train_samples, "max_eval_samples": base.max_eval_samples,
+                "cka_samples": cka_samples}
+    report = {"checkpoints": checkpoints, "tasks": tasks, "settings": settings, "probes": results,
+              "groups": group_scores(results, tasks)}
     if reference is not None:
         report["drift"] = drift_report(reference, checkpoints, data[tasks[0]], base, cka_samples)
+    write_probe_report(out, report)
+    return report
+
+
+def write_probe_report(out: Path, report: dict) -> None:
+    """probe.json, probe.md, probe.png (and cka.png when the report has drift) in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "probe.json", report)
@@ -127,7 +144,6 @@ def run_probe(
     plot_probes(report, out / "probe.png")
     if "drift" in report:
         plot_cka(report["drift"], out / "cka.png")
-    return report
 
 
 def checkpoints_from_runs(folder: str | Path) -> dict[str, str]:
@@ -153,8 +169,9 @@ def group_scores(probes: dict, tasks: list[str]) -> dict:
     for group, members in groups.items():
         summary[group] = {}
         for task in tasks:
-            scores = np.array([m[task]["score"] for m in members])
-            train = np.array([m[task]["train_score"] for m in members])
+            # A score read back from probe.json is None where it was NaN (rxf writes NaN as null).
+            scores = np.array([m[task]["score"] for m in members], dtype=float)
+            train = np.array([m[task]["train_score"] for m in members], dtype=float)
             summary[group][task] = {"mean": float(scores.mean()), "std": float(scores.std(ddof=1)) if len(scores) > 1
                                     else 0.0, "n": len(scores), "train_mean": float(train.mean())}
     return summary
@@ -176,6 +193,11 @@ def drift_report(reference: str, checkpoints: dict[str, str], splits: dict[str, 
     return drift
 
 
+def _percent(value) -> str:
+    """×100 to one decimal; "nan" for a score that is not a number (None once read back from JSON)."""
+    return "nan" if value is None or np.isnan(value) else f"{100 * value:.1f}"
+
+
 def probe_table(report: dict) -> str:
     tasks = report["tasks"]
     first = next(iter(report["probes"].values()))
@@ -183,7 +205,7 @@ def probe_table(report: dict) -> str:
              "|---|" + "---|" * len(tasks)]
     for name, by_task in report["probes"].items():
         lines.append(f"| {name} | " + " | ".join(
-            f"{100 * by_task[t]['score']:.1f} ({100 * by_task[t]['train_score']:.1f})" for t in tasks) + " |")
+            f"{_percent(by_task[t]['score'])} ({_percent(by_task[t]['train_score'])})" for t in tasks) + " |")
     lines.append("| majority class | " + " | ".join(
         f"{100 * first[t]['majority']:.1f}" if first[t]["majority"] is not None else "–" for t in tasks) + " |")
     groups = report.get("groups", {})
@@ -192,8 +214,8 @@ def probe_table(report: dict) -> str:
                   "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         for group, by_task in groups.items():
             lines.append(f"| {group} | " + " | ".join(
-                f"{100 * by_task[t]['mean']:.1f} ± {100 * by_task[t]['std']:.1f} ({by_task[t]['n']}; "
-                f"{100 * by_task[t]['train_mean']:.1f})" for t in tasks) + " |")
+                f"{_percent(by_task[t]['mean'])} ± {_percent(by_task[t]['std'])} ({by_task[t]['n']}; "
+                f"{_percent(by_task[t]['train_mean'])})" for t in tasks) + " |")
     text = ("Linear probe on the frozen encoder: dev score ×100 (training score in brackets; regularisation chosen "
             "by 5-fold cross-validation on the training features)\n\n" + "\n".join(lines) + "\n")
     if "drift" in report:
