@@ -5,7 +5,7 @@ Reports merge only when nothing says they were probed differently: the same task
 same training/dev example counts and majority baselines per task, the same settings
 (pooling, maximum length, sample counts, seed) where the reports record them, the same CKA
 example count, and — the fingerprint of all of it, data and probe code included —
-identical results (to 1e-6) for every encoder that more than one report probed. At least
+identical results (to 1e-4, relative) for every encoder that more than one report probed. At least
 one encoder must be common to all the reports (probe the pre-trained one in each with
 ``--include-base``); without one, nothing shows they were probed alike. One checkpoint
 under two names would count twice as a seed, so it is refused.
@@ -86,9 +86,11 @@ def check_alike(a: dict, b: dict, a_path: Path, b_path: Path) -> None:
             refuse(f"the CKA drift of {name}, which both probed")
 
 
-def _close(a, b, rel: float = 1e-6) -> bool:
-    """Equal results: the same keys and values, numbers to ``rel`` (another machine's
-    floating-point order), except whether the features came from the cache."""
+def _close(a, b, rel: float = 1e-4) -> bool:
+    """Equal results: the same keys and values, numbers to ``rel``, except whether the
+    features came from the cache. Another machine's floating-point order moves them a
+    little (the pre-trained MiniLM's STS-B probe: Spearman by 9e-6 relative, Pearson by
+    6e-7, between two sessions); another setting moves them by far more."""
     if isinstance(a, dict) and isinstance(b, dict):
         keys = (set(a) | set(b)) - {"features_cached"}
         return all(k in a and k in b and _close(a[k], b[k], rel) for k in keys)

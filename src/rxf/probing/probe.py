@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.linalg import LinAlgWarning
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import make_scorer
@@ -58,7 +59,12 @@ def train_linear_probe(features: np.ndarray, labels, task: ClassificationTask, s
     else:
         head = LogisticRegression(max_iter=3000, random_state=seed)
         grid, folds = {"logisticregression__C": C_GRID}, StratifiedKFold(5, shuffle=True, random_state=seed)
-    search = GridSearchCV(make_pipeline(StandardScaler(), head), grid, cv=folds, scoring=make_scorer(score))
+    # The 35 logistic fits (lbfgs, single-threaded) take minutes on a fine-tuned encoder's
+    # features: spread over the cores this process may use (a --jobs worker's share). The
+    # result does not depend on it; the ridge fits take seconds, and stay here.
+    workers = None if task.is_regression else max(1, torch.get_num_threads())
+    search = GridSearchCV(make_pipeline(StandardScaler(), head), grid, cv=folds, scoring=make_scorer(score),
+                          n_jobs=workers)
     with warnings.catch_warnings():
         # The smallest ridge penalties meet near-collinear features: scipy warns once per
         # fold and grid point (hundreds of lines per probe run); the cross-validation
