@@ -116,7 +116,7 @@ def run_probe(
     pooling: str = "cls",
 ) -> dict:
     """Probe every task with every checkpoint; write probe.json, probe.md, probe.png
-    (and cka.json, cka.png with a reference) in ``out``."""
+    (and cka.png with a reference) in ``out``."""
     data = {task: task_splits(task, base, task_data) for task in tasks}  # every file checked first
     for checkpoint in checkpoints.values():  # and every local model folder, before an hour of probing
         if not Path(checkpoint).is_dir() and (checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1):
