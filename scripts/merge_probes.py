@@ -20,11 +20,10 @@ may hold nothing but an earlier probe report.
 import argparse
 import itertools
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
+from rxf.jsonio import replace_folder_whole
 from rxf.probing.probe import group_scores, probe_table, write_probe_report
 
 # Per-task facts of the data a probe saw: equal in every report of one study.
@@ -133,22 +132,6 @@ def merge(folders: list[Path]) -> dict:
     return merged
 
 
-def write_whole(out: Path, report: dict) -> None:
-    """Write the report into a folder built beside ``out``, then put it in ``out``'s place."""
-    if out.exists() and (not out.is_dir() or not {p.name for p in out.iterdir()} <= REPORT_FILES):
-        raise SystemExit(f"--output-dir: {out} exists and holds more than a probe report; choose another folder")
-    building = out.parent / f".{out.name}.building{os.getpid()}"
-    try:
-        write_probe_report(building, report)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(building, out)
-    except OSError as exc:
-        raise SystemExit(f"--output-dir: cannot write {out} ({exc.strerror or exc})") from None
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+", type=Path, help="rxf probe output folders (each with probe.json)")
@@ -162,7 +145,8 @@ def main(argv=None) -> int:
     if args.output_dir.resolve() in resolved:
         parser.error(f"--output-dir {args.output_dir} is one of the reports to merge; choose another folder")
     report = merge(args.reports)
-    write_whole(args.output_dir, report)
+    replace_folder_whole(args.output_dir, REPORT_FILES, lambda folder: write_probe_report(folder, report),
+                         "a probe report")
     print(probe_table(report))
     return 0
 

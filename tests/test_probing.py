@@ -287,6 +287,49 @@ def test_probe_every_run_of_a_compare_with_mean_and_std_per_method(tiny_checkpoi
     assert not (tmp_path / "bad").exists()
 
 
+def test_chains_of_several_seeds_pool_into_mean_and_std(tiny_checkpoint, glue_like, tmp_path):  # noqa: F811
+    common = ["chain", "--tasks", "sst2,rte", "--methods", "std", "--model", str(tiny_checkpoint),
+              "--data-dir", str(glue_like), *TINY_RUN]
+    for seed in (1, 2):
+        assert main([*common, "--seed", str(seed), "--output-dir", str(tmp_path / f"seed{seed}")]) == 0
+    merge = [sys.executable, str(ROOT / "scripts" / "merge_chains.py"), str(tmp_path / "seed1"), str(tmp_path / "seed2")]
+    done = subprocess.run([*merge, "--output-dir", str(tmp_path / "pooled")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    pooled = json.loads((tmp_path / "pooled" / "chain.json").read_text())
+    assert pooled["seeds"] == [1, 2]
+    chains = [json.loads((tmp_path / f"seed{s}" / "chain.json").read_text())["methods"]["std"] for s in (1, 2)]
+    for index, row in enumerate(pooled["methods"]["std"]):
+        probes = [chain[index]["score"] for chain in chains]
+        assert row["probe"]["mean"] == pytest.approx((probes[0] + probes[1]) / 2)
+        assert row["probe"]["std"] == pytest.approx(abs(probes[0] - probes[1]) / 2 ** 0.5)
+    stage = [json.loads((tmp_path / f"seed{s}" / "std" / "stage02-rte" / "results.json").read_text())
+             for s in (1, 2)]
+    best = [r["best"]["dev"][r["main_metric"].split("/")[1]] for r in stage]
+    assert pooled["methods"]["std"][2]["task_score"]["values"] == best
+    assert "task_score" not in pooled["methods"]["std"][0]  # the pre-trained encoder trained on nothing
+    text = (tmp_path / "pooled" / "chain.md").read_text()
+    assert "| std |" in text and " ± " in text and "own task" in text
+    assert plt.imread(tmp_path / "pooled" / "chain.png").ndim == 3
+
+    # One seed alone is a report too; pooling it with a copy of itself, with a chain fine-tuned
+    # at another learning rate, or over a folder holding other files, is refused.
+    alone = subprocess.run([*merge[:3], "--output-dir", str(tmp_path / "alone")], capture_output=True, text=True)
+    assert alone.returncode == 0, alone.stderr
+    shutil.copytree(tmp_path / "seed1", tmp_path / "copy", ignore=shutil.ignore_patterns("checkpoints", "best"))
+    refused = subprocess.run([*merge[:3], str(tmp_path / "copy"), "--output-dir", str(tmp_path / "bad")],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "are both seed 1" in refused.stderr
+    assert main([*common, "--seed", "3", "--learning-rate", "5e-4", "--output-dir", str(tmp_path / "seed3")]) == 0
+    refused = subprocess.run([*merge, str(tmp_path / "seed3"), "--output-dir", str(tmp_path / "bad")],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "fine-tuning settings" in refused.stderr and "seed3" in refused.stderr
+    assert not (tmp_path / "bad").exists()
+    (tmp_path / "pooled" / "notes.txt").write_text("mine")
+    refused = subprocess.run([*merge, "--output-dir", str(tmp_path / "pooled")], capture_output=True, text=True)
+    assert refused.returncode != 0 and "holds more than a chain report" in refused.stderr
+    assert (tmp_path / "pooled" / "notes.txt").read_text() == "mine" and (tmp_path / "pooled" / "chain.json").is_file()
+
+
 def test_probe_names_a_missing_checkpoint_folder_before_probing(tiny_checkpoint, glue_like, tmp_path, capsys):  # noqa: F811
     args = ["probe", f"--checkpoint=std/seed1={tmp_path / 'runs' / 'std' / 'seed1' / 'best'}", "--tasks", "sst2",
             "--model", str(tiny_checkpoint), "--data-dir", str(glue_like), "--output-dir", str(tmp_path / "out")]

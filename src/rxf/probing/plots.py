@@ -44,11 +44,14 @@ def plot_cka(drift: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_lines(series: dict[str, list[float]], labels: list[str], path: Path, title: str, ylabel: str) -> None:
-    """One line per method over stages (chain) or stages × cycles (cycle)."""
+def plot_lines(series: dict[str, list[float]], labels: list[str], path: Path, title: str, ylabel: str,
+               errors: dict[str, list[float]] | None = None) -> None:
+    """One line per method over stages (chain) or stages × cycles (cycle); ``errors``
+    (a standard deviation per point, e.g. over seeds) draws error bars."""
     fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(labels), 3.8))
     for name, values in series.items():
-        ax.plot(range(len(values)), [100 * v for v in values], marker="o", label=name)
+        spread = None if errors is None else [100 * e for e in errors[name]]
+        ax.errorbar(range(len(values)), [100 * v for v in values], yerr=spread, marker="o", capsize=3, label=name)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -1,0 +1,196 @@
+"""Pool ``rxf chain`` runs of several seeds (one output folder per seed) into one report:
+per method and stage, the source task's probe (mean ± std over seeds) and the dev score
+each stage reached on its own task — the evidence that every stage learnt something
+(Aghajanyan et al. 2021, Figure 4, averages its chains over seeds the same way).
+
+    python scripts/merge_chains.py runs/fig4-seed1 runs/fig4-seed2 runs/fig4-seed3 \\
+        --output-dir docs/results/fig4
+
+It reads only JSON (each folder's ``chain.json``, each stage's ``results.json`` and the
+probes stored beside the stages), so it runs on committed results without checkpoints. One
+folder is enough (a single seed's report, with its stage scores). Folders pool only when
+nothing says they were run differently: the same tasks, methods and stages; probes made on
+the same examples, pooling and length; stages fine-tuned with the same settings and method
+options (the seed and the paths aside); and a different seed in each folder — one seed twice
+would count one chain twice.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from rxf.jsonio import replace_folder_whole, write_json_atomic
+from rxf.probing.plots import plot_lines
+
+REPORT_FILES = {"chain.json", "chain.md", "chain.png"}
+# Fields of a stage's spec and training configuration that differ between the seeds of one
+# study by construction (the seed, and paths inside each seed's folder).
+PER_RUN_FIELDS = {"seed", "data_seed", "output_dir", "logging_dir", "run_name", "model", "progress", "overwrite"}
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or not UTF-8
+        raise SystemExit(f"{path}: cannot be read ({exc})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: not a JSON object")
+    return data
+
+
+def stage_score(results: dict) -> float | None:
+    """The best checkpoint's main metric (``main_metric`` is a path such as ``dev/accuracy``)."""
+    value = results.get("best")
+    for key in results.get("main_metric", "").split("/"):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def load_seed(folder: Path) -> dict:
+    """One seed's chain: {"seed", "tasks", "source", "methods": {method: [stage rows]}, "settings"}."""
+    path = folder / "chain.json"
+    chain = read_json(path)
+    if not {"tasks", "source", "methods"} <= set(chain) or not chain["methods"]:
+        raise SystemExit(f"{path}: not an rxf chain report (no tasks, source or methods)")
+    seeds, identities, settings, rows = set(), set(), {}, {}
+    for method, stages in chain["methods"].items():
+        if len(stages) != len(chain["tasks"]) + 1:
+            raise SystemExit(f"{path}: {method} has {len(stages)} probes for {len(chain['tasks'])} stages")
+        rows[method] = []
+        for index, stage in enumerate(stages):
+            identity = stage.get("identity") or {}
+            seeds.add(identity.get("seed"))
+            identities.add(json.dumps({k: v for k, v in identity.items() if k not in ("weights", "seed")},
+                                      sort_keys=True))
+            row = {"stage": stage["stage"], "probe": stage["score"], "majority": stage.get("majority"),
+                   "task_score": None}
+            if index > 0:
+                task = chain["tasks"][index - 1]
+                results_path = folder / method / f"stage{index:02d}-{task}" / "results.json"
+                results = read_json(results_path)
+                if results.get("task") != task or results.get("method") != method:
+                    raise SystemExit(f"{results_path}: a {results.get('method')} run on {results.get('task')}, "
+                                     f"not the {method} stage on {task}")
+                seeds.add(results.get("seed"))
+                row["task_score"] = stage_score(results)
+                row["main_metric"] = results.get("main_metric")
+                settings[f"{method} {task}"] = {part: {k: v for k, v in (results.get(part) or {}).items()
+                                                       if k not in PER_RUN_FIELDS} for part in ("spec", "config")}
+            rows[method].append(row)
+    if len(seeds) != 1 or None in seeds:
+        raise SystemExit(f"{folder}: its stages and probes do not share one seed ({sorted(map(str, seeds))})")
+    if len(identities) != 1:
+        raise SystemExit(f"{folder}: its probes were not made on the same examples, pooling and length")
+    return {"folder": str(folder), "seed": seeds.pop(), "tasks": chain["tasks"], "source": chain["source"],
+            "methods": rows, "probe_identity": identities.pop(), "settings": settings}
+
+
+def check_alike(runs: list[dict]) -> None:
+    first = runs[0]
+    for run in runs[1:]:
+        def refuse(what: str):
+            raise SystemExit(f"{first['folder']} and {run['folder']} differ in {what}: they were not run "
+                             "alike, so their chains cannot be pooled")
+
+        if (run["tasks"], run["source"]) != (first["tasks"], first["source"]):
+            refuse(f"tasks ({first['tasks']} against {run['tasks']})")
+        if list(run["methods"]) != list(first["methods"]):
+            refuse(f"methods ({list(first['methods'])} against {list(run['methods'])})")
+        if run["probe_identity"] != first["probe_identity"]:
+            refuse(f"the probes' examples, pooling or length ({first['probe_identity']} against "
+                   f"{run['probe_identity']})")
+        for stage, setting in first["settings"].items():
+            if run["settings"][stage] != setting:
+                refuse(f"the {stage} stage's fine-tuning settings")
+    seen = {}
+    for run in runs:
+        if run["seed"] in seen:
+            raise SystemExit(f"{seen[run['seed']]} and {run['folder']} are both seed {run['seed']}: one chain would "
+                             "count twice")
+        seen[run["seed"]] = run["folder"]
+
+
+def spread(values: list) -> dict:
+    """Mean, standard deviation (0 for one value) and the values, or None where any is missing."""
+    if any(v is None for v in values):
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def merge(runs: list[dict]) -> dict:
+    check_alike(runs)
+    first = runs[0]
+    methods = {}
+    for method, stages in first["methods"].items():
+        methods[method] = []
+        for index, stage in enumerate(stages):
+            row = {"stage": stage["stage"], "majority": stage["majority"],
+                   "probe": spread([run["methods"][method][index]["probe"] for run in runs])}
+            if index > 0:
+                row["main_metric"] = stage["main_metric"]
+                row["task_score"] = spread([run["methods"][method][index]["task_score"] for run in runs])
+            methods[method].append(row)
+    return {"tasks": first["tasks"], "source": first["source"], "seeds": [run["seed"] for run in runs],
+            "merged_from": [run["folder"] for run in runs], "methods": methods}
+
+
+def cell(value: dict | None) -> str:
+    if value is None:
+        return "–"
+    if len(value["values"]) == 1:
+        return f"{100 * value['mean']:.1f}"
+    return f"{100 * value['mean']:.1f} ± {100 * value['std']:.1f}"
+
+
+def markdown(report: dict) -> str:
+    labels = [row["stage"] for row in next(iter(report["methods"].values()))]
+    seeds = ", ".join(str(s) for s in report["seeds"])
+    majority = next(iter(report["methods"].values()))[0]["majority"]
+    baseline = "" if majority is None else f"; majority class {100 * majority:.1f}"
+    lines = [f"Probe of the source task {report['source']} before the chain and after each stage "
+             f"(dev ×100, mean ± std over seeds {seeds}{baseline})", "",
+             "| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for method, rows in report["methods"].items():
+        lines.append(f"| {method} | " + " | ".join(cell(row["probe"]) for row in rows) + " |")
+    metrics = ", ".join(f"{t} {row['main_metric'].split('/')[-1]}"
+                        for t, row in zip(report["tasks"], next(iter(report["methods"].values()))[1:]))
+    lines += ["", f"Each stage's best dev score on its own task (×100; {metrics})", "",
+              "| method | " + " | ".join(report["tasks"]) + " |", "|---|" + "---|" * len(report["tasks"])]
+    for method, rows in report["methods"].items():
+        lines.append(f"| {method} | " + " | ".join(cell(row["task_score"]) for row in rows[1:]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: Path, report: dict) -> None:
+    folder.mkdir(parents=True)
+    write_json_atomic(folder / "chain.json", report)
+    (folder / "chain.md").write_text(markdown(report))
+    labels = [row["stage"] for row in next(iter(report["methods"].values()))]
+    plot_lines({m: [row["probe"]["mean"] for row in rows] for m, rows in report["methods"].items()}, labels,
+               folder / "chain.png", f"{report['source']} probe along the chain ({len(report['seeds'])} seeds)",
+               f"{report['source']} probe dev score ×100",
+               errors={m: [row["probe"]["std"] for row in rows] for m, rows in report["methods"].items()})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("chains", nargs="+", type=Path, help="rxf chain output folders, one per seed")
+    parser.add_argument("--output-dir", required=True, type=Path, help="chain.json, chain.md, chain.png")
+    args = parser.parse_args(argv)
+    resolved = [folder.resolve() for folder in args.chains]
+    if len(set(resolved)) < len(resolved):
+        parser.error("a chain folder is given twice")
+    if args.output_dir.resolve() in resolved:
+        parser.error(f"--output-dir {args.output_dir} is one of the chains to pool; choose another folder")
+    report = merge([load_seed(folder) for folder in args.chains])
+    replace_folder_whole(args.output_dir, REPORT_FILES, lambda folder: write_report(folder, report),
+                         "a chain report")
+    print(markdown(report), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
