@@ -312,17 +312,21 @@ def test_chains_of_several_seeds_pool_into_mean_and_std(tiny_checkpoint, glue_li
     assert plt.imread(tmp_path / "pooled" / "chain.png").ndim == 3
 
     # One seed alone is a report too; pooling it with a copy of itself, with a chain fine-tuned
-    # at another learning rate, or over a folder holding other files, is refused.
+    # otherwise, or over a folder holding other files, is refused.
     alone = subprocess.run([*merge[:3], "--output-dir", str(tmp_path / "alone")], capture_output=True, text=True)
     assert alone.returncode == 0, alone.stderr
     shutil.copytree(tmp_path / "seed1", tmp_path / "copy", ignore=shutil.ignore_patterns("checkpoints", "best"))
     refused = subprocess.run([*merge[:3], str(tmp_path / "copy"), "--output-dir", str(tmp_path / "bad")],
                              capture_output=True, text=True)
     assert refused.returncode != 0 and "are both seed 1" in refused.stderr
-    assert main([*common, "--seed", "3", "--learning-rate", "5e-4", "--output-dir", str(tmp_path / "seed3")]) == 0
-    refused = subprocess.run([*merge, str(tmp_path / "seed3"), "--output-dir", str(tmp_path / "bad")],
+    shutil.copytree(tmp_path / "seed2", tmp_path / "other", ignore=shutil.ignore_patterns("checkpoints", "best"))
+    stage = tmp_path / "other" / "std" / "stage01-sst2" / "results.json"
+    results = json.loads(stage.read_text())
+    results["spec"]["learning_rate"] = 5e-4  # as if seed 2 had been fine-tuned at another learning rate
+    stage.write_text(json.dumps(results))
+    refused = subprocess.run([*merge[:3], str(tmp_path / "other"), "--output-dir", str(tmp_path / "bad")],
                              capture_output=True, text=True)
-    assert refused.returncode != 0 and "fine-tuning settings" in refused.stderr and "seed3" in refused.stderr
+    assert refused.returncode != 0 and "fine-tuning settings" in refused.stderr and "other" in refused.stderr
     assert not (tmp_path / "bad").exists()
     (tmp_path / "pooled" / "notes.txt").write_text("mine")
     refused = subprocess.run([*merge, "--output-dir", str(tmp_path / "pooled")], capture_output=True, text=True)
