@@ -151,6 +151,10 @@ def test_an_unknown_option_is_named_by_its_subcommand(tmp_path, capsys):
     (["compare", "--tasks", "sst2", "--methods", "std,r3f,std"], "--methods: 'std' is given twice"),
     (["compare", "--tasks", "sst2", "--methods", "std", "--seeds", "1,2,1"], "--seeds: 1 is given twice"),
     (["chain", "--tasks", "sst2,rte,sst2"], "--tasks: 'sst2' is given twice"),
+    # A folder for a task outside the chain (a typo) would leave that task on --data-dir.
+    (["chain", "--tasks", "sst2,qnli", "--task-data", "qnl=x"], "--task-data: 'qnl' is not one of --tasks (sst2, qnli)"),
+    (["cycle", "--tasks", "sst2,rte", "--task-data", "sst2=x,mrpc=y"], "--task-data: 'mrpc' is not one of --tasks"),
+    (["probe", "--tasks", "rte", "--task-data", "sst2=x"], "--task-data: 'sst2' is not one of --tasks (rte)"),
     # Every method is checked before the first one trains the real model.
     (["demo", "--methods", "std,foo"], "--methods: unknown method 'foo'"),
     (["cost", "--batch-size", "0"], "--batch-size must be >= 1"),

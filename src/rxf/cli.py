@@ -282,6 +282,16 @@ def _pairs(items: list[str], option: str) -> dict[str, str]:
     return pairs
 
 
+def _task_data(args: argparse.Namespace, tasks: list[str]) -> dict[str, str]:
+    """--task-data TASK=DIR for tasks of --tasks only: a misspelt or absent task's folder
+    would otherwise be ignored, and its task read from --data-dir without a word."""
+    folders = _pairs(args.task_data, "--task-data")
+    for task in folders:
+        if task not in tasks:
+            raise RXFError(f"--task-data: {task!r} is not one of --tasks ({', '.join(tasks)})")
+    return folders
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     from rxf.defaults import default_model_path
     from rxf.probing.probe import run_probe
@@ -299,7 +309,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         checkpoints = {"pre-trained": args.model or default_model_path(), **checkpoints}
     reference = (args.model or default_model_path()) if args.reference == "base" else args.reference
     run_probe(Path(args.output_dir), checkpoints, tasks, spec_from(args, tasks[0], args.output_dir),
-              _pairs(args.task_data, "--task-data"), reference, args.cka_samples, args.pooling)
+              _task_data(args, tasks), reference, args.cka_samples, args.pooling)
     print((Path(args.output_dir) / "probe.md").read_text())
     return 0
 
@@ -310,7 +320,7 @@ def cmd_chain(args: argparse.Namespace) -> int:
     tasks = _tasks(args.tasks, args)
     base = spec_from(args, tasks[0], args.output_dir)
     methods = _split(args.methods, "--methods")
-    task_data = _pairs(args.task_data, "--task-data")
+    task_data = _task_data(args, tasks)
     if args.command == "cycle":
         run_cycle(Path(args.output_dir), tasks, methods, args.cycles, base, method_options_from(args), task_data,
                   args.pooling)
