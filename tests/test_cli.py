@@ -155,6 +155,10 @@ def test_an_unknown_option_is_named_by_its_subcommand(tmp_path, capsys):
     (["chain", "--tasks", "sst2,qnli", "--task-data", "qnl=x"], "--task-data: 'qnl' is not one of --tasks (sst2, qnli)"),
     (["cycle", "--tasks", "sst2,rte", "--task-data", "sst2=x,mrpc=y"], "--task-data: 'mrpc' is not one of --tasks"),
     (["probe", "--tasks", "rte", "--task-data", "sst2=x"], "--task-data: 'sst2' is not one of --tasks (rte)"),
+    (["chain", "--tasks", "sst2,rte", "--task-epochs", "qnli=3"], "--task-epochs: 'qnli' is not one of --tasks"),
+    (["chain", "--tasks", "sst2,rte", "--task-epochs", "rte=0"], "--task-epochs: rte=0 is not a positive number"),
+    (["cycle", "--tasks", "sst2,rte", "--task-epochs", "rte=three"], "--task-epochs: rte=three is not a positive"),
+    (["chain", "--tasks", "sst2,rte", "--task-epochs", "rte=nan"], "--task-epochs: rte=nan is not a positive"),
     # Every method is checked before the first one trains the real model.
     (["demo", "--methods", "std,foo"], "--methods: unknown method 'foo'"),
     (["cost", "--batch-size", "0"], "--batch-size must be >= 1"),

@@ -203,6 +203,21 @@ def test_chain_and_cycle_run_and_resume(tiny_checkpoint, glue_like, tmp_path):  
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items() if p.exists() and "stage04" not in str(p))
 
 
+def test_a_chain_stage_trains_for_its_own_task_epochs(tiny_checkpoint, glue_like, tmp_path):  # noqa: F811
+    """--task-epochs rte=3 gives RTE's stage three epochs and leaves SST-2's at --epochs:
+    counted in updates against the training set's size, not read from the spec rxf wrote."""
+    out = tmp_path / "chain"
+    assert main(["chain", "--tasks", "sst2,rte", "--methods", "std", "--task-epochs", "rte=3",
+                 "--model", str(tiny_checkpoint), "--data-dir", str(glue_like), "--output-dir", str(out),
+                 *TINY_RUN]) == 0
+    batch = int(TINY_RUN[TINY_RUN.index("--batch-size") + 1])
+    for stage, folder, epochs in (("stage01-sst2", "SST-2", 1), ("stage02-rte", "RTE", 3)):
+        examples = len((glue_like / folder / "train.tsv").read_text().splitlines()) - 1
+        results = json.loads((out / "std" / stage / "results.json").read_text())
+        assert results["data"]["train"]["examples"] == examples
+        assert results["updates"] == epochs * -(-examples // batch), (stage, results["updates"])
+
+
 @pytest.mark.real
 def test_probe_base_minilm_on_real_glue(data_dir, minilm_path, tmp_path):
     out = tmp_path / "probe"

@@ -292,6 +292,21 @@ def _task_data(args: argparse.Namespace, tasks: list[str]) -> dict[str, str]:
     return folders
 
 
+def _task_epochs(args: argparse.Namespace, tasks: list[str]) -> dict[str, float]:
+    """--task-epochs TASK=N: a stage's own number of epochs, for tasks of --tasks only."""
+    epochs = {}
+    for task, value in _pairs(args.task_epochs, "--task-epochs").items():
+        if task not in tasks:
+            raise RXFError(f"--task-epochs: {task!r} is not one of --tasks ({', '.join(tasks)})")
+        try:
+            epochs[task] = float(value)
+        except ValueError:
+            epochs[task] = float("nan")
+        if not 0 < epochs[task] < float("inf"):
+            raise RXFError(f"--task-epochs: {task}={value} is not a positive number of epochs")
+    return epochs
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     from rxf.defaults import default_model_path
     from rxf.probing.probe import run_probe
@@ -320,14 +335,14 @@ def cmd_chain(args: argparse.Namespace) -> int:
     tasks = _tasks(args.tasks, args)
     base = spec_from(args, tasks[0], args.output_dir)
     methods = _split(args.methods, "--methods")
-    task_data = _task_data(args, tasks)
+    task_data, task_epochs = _task_data(args, tasks), _task_epochs(args, tasks)
     if args.command == "cycle":
         run_cycle(Path(args.output_dir), tasks, methods, args.cycles, base, method_options_from(args), task_data,
-                  args.pooling)
+                  args.pooling, task_epochs)
         print((Path(args.output_dir) / "cycle.md").read_text())
     else:
         run_chain(Path(args.output_dir), tasks, methods, base, method_options_from(args), task_data, args.jobs,
-                  args.pooling)
+                  args.pooling, task_epochs)
         print((Path(args.output_dir) / "chain.md").read_text())
     return 0
 
@@ -507,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
         ch.add_argument("--methods", default="std,r3f", help="comma-separated methods (default: %(default)s)")
         ch.add_argument("--task-data", action="append", default=[], metavar="TASK=DIR",
                         help="data folder for one task, overriding --data-dir (repeatable)")
+        ch.add_argument("--task-epochs", action="append", default=[], metavar="TASK=N",
+                        help="epochs of one task's stage, overriding --epochs (repeatable): a small task "
+                        "may need several where a large one needs one")
         if name == "cycle":
             ch.add_argument("--cycles", type=int, default=3, help="how often the chain repeats (default: %(default)s)")
         ch.add_argument("--pooling", choices=("cls", "mean"), default="cls",

@@ -9,6 +9,10 @@ frozen encoder. How fast that probe degrades is how fast the method forgets.
 on a task, probe it with the current encoder. How much each cycle retains is how little
 the method collapses.
 
+Every stage trains with the shared settings, except where ``task_epochs`` gives a task its
+own number of epochs: a chain's tasks differ in size (RTE's 2,490 training pairs against
+QQP's 364k), and a small task's stage may need several epochs to learn at all.
+
 Every stage is an ``rxf finetune`` run in its own folder and every probe is stored beside
 it, so a rerun after an interruption skips finished stages and probes. A stored probe is
 reused only while it is the probe asked for (same weights, examples, pooling, length and
@@ -70,10 +74,11 @@ def _probe(folder: Path, checkpoint: str, task: str, data: dict, base: FinetuneS
 
 
 def _stage(folder: Path, method: str, index: int, task: str, start: str, base: FinetuneSpec,
-           options: MethodOptions, task_data: dict | None) -> str:
+           options: MethodOptions, task_data: dict | None, task_epochs: dict | None) -> str:
     """Fine-tune one stage in ``folder`` (or reuse its finished run); returns its best checkpoint."""
     spec = dataclasses.replace(base, task=task, model=start, output_dir=str(folder),
-                               data_dir=(task_data or {}).get(task, base.data_dir), fresh_head=index > 0)
+                               data_dir=(task_data or {}).get(task, base.data_dir),
+                               epochs=(task_epochs or {}).get(task, base.epochs), fresh_head=index > 0)
     print(f"rxf: {method} stage {index}: {task}, starting from {start}", flush=True)
     run_finetune(spec, dataclasses.replace(options, method=method))
     return str(folder / "best")
@@ -88,7 +93,7 @@ def _base_model(base: FinetuneSpec) -> str:
 
 
 def _chain(out: Path, method: str, tasks: list[str], base: FinetuneSpec, options: MethodOptions,
-           task_data: dict | None, pooling: str) -> list[dict]:
+           task_data: dict | None, task_epochs: dict | None, pooling: str) -> list[dict]:
     """One method's chain: the source task's probe before the first stage and after each."""
     source = tasks[0]
     data = {source: task_splits(source, base, task_data)}
@@ -97,21 +102,23 @@ def _chain(out: Path, method: str, tasks: list[str], base: FinetuneSpec, options
     stages = [{"stage": "pre-trained", **probe(out / method / "stage00-pretrained", checkpoint)}]
     for index, task in enumerate(tasks, start=1):
         folder = out / method / f"stage{index:02d}-{task}"
-        checkpoint = _stage(folder, method, index, task, checkpoint, base, options, task_data)
+        checkpoint = _stage(folder, method, index, task, checkpoint, base, options, task_data, task_epochs)
         stages.append({"stage": f"after {task}", **probe(Path(checkpoint).parent, checkpoint)})
     return stages
 
 
 def run_chain(out: Path, tasks: list[str], methods: list[str], base: FinetuneSpec, options: MethodOptions,
-              task_data: dict[str, str] | None = None, jobs: int = 1, pooling: str = "cls") -> dict:
+              task_data: dict[str, str] | None = None, jobs: int = 1, pooling: str = "cls",
+              task_epochs: dict[str, float] | None = None) -> dict:
     """Fine-tune along ``tasks`` with each method (``jobs`` methods at a time) and probe
-    ``tasks[0]`` after each stage, on ``pooling`` (``cls`` or ``mean``) representations."""
+    ``tasks[0]`` after each stage, on ``pooling`` (``cls`` or ``mean``) representations;
+    ``task_epochs`` overrides ``base.epochs`` for the stages of the tasks it names."""
     out = Path(out)
     source = tasks[0]
     for task in tasks:
         task_splits(task, base, task_data)  # check every stage's data before training starts
     base = dataclasses.replace(base, progress=base.progress and jobs == 1)
-    chains = run_jobs(_chain, [(out, method, tasks, base, options, task_data, pooling) for method in methods], jobs)
+    chains = run_jobs(_chain, [(out, method, tasks, base, options, task_data, task_epochs, pooling) for method in methods], jobs)
     report = {"tasks": tasks, "source": source, "methods": dict(zip(methods, chains))}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "chain.json", report)
@@ -127,7 +134,8 @@ def run_chain(out: Path, tasks: list[str], methods: list[str], base: FinetuneSpe
 
 
 def run_cycle(out: Path, tasks: list[str], methods: list[str], cycles: int, base: FinetuneSpec,
-              options: MethodOptions, task_data: dict[str, str] | None = None, pooling: str = "cls") -> dict:
+              options: MethodOptions, task_data: dict[str, str] | None = None, pooling: str = "cls",
+              task_epochs: dict[str, float] | None = None) -> dict:
     """Repeat the chain ``cycles`` times; probe each task just before training on it."""
     out = Path(out)
     data = {task: task_splits(task, base, task_data) for task in tasks}
@@ -140,7 +148,7 @@ def run_cycle(out: Path, tasks: list[str], methods: list[str], cycles: int, base
                 folder = out / method / f"stage{index:02d}-c{cycle}-{task}"
                 result = _probe(folder, checkpoint, task, data, base, pooling)
                 probes.append({"cycle": cycle, "task": task, **result})
-                checkpoint = _stage(folder, method, index, task, checkpoint, base, options, task_data)
+                checkpoint = _stage(folder, method, index, task, checkpoint, base, options, task_data, task_epochs)
         report["methods"][method] = probes
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "cycle.json", report)
