@@ -159,6 +159,9 @@ def test_an_unknown_option_is_named_by_its_subcommand(tmp_path, capsys):
     (["chain", "--tasks", "sst2,rte", "--task-epochs", "rte=0"], "--task-epochs: rte=0 is not a positive number"),
     (["cycle", "--tasks", "sst2,rte", "--task-epochs", "rte=three"], "--task-epochs: rte=three is not a positive"),
     (["chain", "--tasks", "sst2,rte", "--task-epochs", "rte=nan"], "--task-epochs: rte=nan is not a positive"),
+    (["chain", "--tasks", "sst2,rte", "--task-epochs", "rte=3", "--task-epochs", "rte=2"],
+     "--task-epochs: 'rte' is given twice"),
+    (["probe", "--checkpoint", "a=x,a=y"], "--checkpoint: 'a' is given twice"),
     # Every method is checked before the first one trains the real model.
     (["demo", "--methods", "std,foo"], "--methods: unknown method 'foo'"),
     (["cost", "--batch-size", "0"], "--batch-size must be >= 1"),

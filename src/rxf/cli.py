@@ -278,6 +278,8 @@ def _pairs(items: list[str], option: str) -> dict[str, str]:
         if "=" not in item:
             raise RXFError(f"{option}: expected NAME=VALUE, got {item!r}")
         key, value = item.split("=", 1)
+        if key.strip() in pairs:  # the later one would replace the earlier without a word
+            raise RXFError(f"{option}: {key.strip()!r} is given twice")
         pairs[key.strip()] = value.strip()
     return pairs
 
