@@ -284,26 +284,24 @@ def _pairs(items: list[str], option: str) -> dict[str, str]:
     return pairs
 
 
-def _task_data(args: argparse.Namespace, tasks: list[str]) -> dict[str, str]:
-    """--task-data TASK=DIR for tasks of --tasks only: a misspelt or absent task's folder
-    would otherwise be ignored, and its task read from --data-dir without a word."""
-    folders = _pairs(args.task_data, "--task-data")
-    for task in folders:
+def _task_pairs(items: list[str], option: str, tasks: list[str]) -> dict[str, str]:
+    """TASK=VALUE pairs for tasks of --tasks only: a misspelt or absent task's value would
+    otherwise be ignored (its folder read from --data-dir, its epochs from --epochs) without a word."""
+    pairs = _pairs(items, option)
+    for task in pairs:
         if task not in tasks:
-            raise RXFError(f"--task-data: {task!r} is not one of --tasks ({', '.join(tasks)})")
-    return folders
+            raise RXFError(f"{option}: {task!r} is not one of --tasks ({', '.join(tasks)})")
+    return pairs
 
 
 def _task_epochs(args: argparse.Namespace, tasks: list[str]) -> dict[str, float]:
-    """--task-epochs TASK=N: a stage's own number of epochs, for tasks of --tasks only."""
+    """--task-epochs TASK=N: a stage's own number of epochs."""
     epochs = {}
-    for task, value in _pairs(args.task_epochs, "--task-epochs").items():
-        if task not in tasks:
-            raise RXFError(f"--task-epochs: {task!r} is not one of --tasks ({', '.join(tasks)})")
+    for task, value in _task_pairs(args.task_epochs, "--task-epochs", tasks).items():
         try:
             epochs[task] = float(value)
         except ValueError:
-            epochs[task] = float("nan")
+            epochs[task] = float("nan")  # refused below with the positive-number message
         if not 0 < epochs[task] < float("inf"):
             raise RXFError(f"--task-epochs: {task}={value} is not a positive number of epochs")
     return epochs
@@ -326,7 +324,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         checkpoints = {"pre-trained": args.model or default_model_path(), **checkpoints}
     reference = (args.model or default_model_path()) if args.reference == "base" else args.reference
     run_probe(Path(args.output_dir), checkpoints, tasks, spec_from(args, tasks[0], args.output_dir),
-              _task_data(args, tasks), reference, args.cka_samples, args.pooling)
+              _task_pairs(args.task_data, "--task-data", tasks), reference, args.cka_samples, args.pooling)
     print((Path(args.output_dir) / "probe.md").read_text())
     return 0
 
@@ -337,7 +335,7 @@ def cmd_chain(args: argparse.Namespace) -> int:
     tasks = _tasks(args.tasks, args)
     base = spec_from(args, tasks[0], args.output_dir)
     methods = _split(args.methods, "--methods")
-    task_data, task_epochs = _task_data(args, tasks), _task_epochs(args, tasks)
+    task_data, task_epochs = _task_pairs(args.task_data, "--task-data", tasks), _task_epochs(args, tasks)
     if args.command == "cycle":
         run_cycle(Path(args.output_dir), tasks, methods, args.cycles, base, method_options_from(args), task_data,
                   args.pooling, task_epochs)

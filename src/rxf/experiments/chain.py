@@ -118,7 +118,8 @@ def run_chain(out: Path, tasks: list[str], methods: list[str], base: FinetuneSpe
     for task in tasks:
         task_splits(task, base, task_data)  # check every stage's data before training starts
     base = dataclasses.replace(base, progress=base.progress and jobs == 1)
-    chains = run_jobs(_chain, [(out, method, tasks, base, options, task_data, task_epochs, pooling) for method in methods], jobs)
+    chains = run_jobs(_chain, [(out, method, tasks, base, options, task_data, task_epochs, pooling)
+                               for method in methods], jobs)
     report = {"tasks": tasks, "source": source, "methods": dict(zip(methods, chains))}
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "chain.json", report)
