@@ -6,8 +6,11 @@ each stage reached on its own task — the evidence that every stage learnt some
     python scripts/merge_chains.py runs/fig4-seed1 runs/fig4-seed2 runs/fig4-seed3 \\
         --output-dir docs/results/fig4
 
-It reads only JSON (each folder's ``chain.json``, each stage's ``results.json`` and the
-probes stored beside the stages), so it runs on committed results without checkpoints. One
+It reads only JSON (each stage's ``results.json`` and the probes stored beside the stages:
+``METHOD/stageNN-TASK/results.json``, ``METHOD/stageNN-TASK.probe-SOURCE.json``), so it runs
+on committed results without checkpoints, and it finds every method's chain in a folder
+whether the methods ran in one ``rxf chain`` or one process each (whose ``chain.json`` holds
+only the last). ``--methods`` picks and orders them, e.g. the methods every seed has. One
 folder is enough (a single seed's report, with its stage scores). Folders pool only when
 nothing says they were run differently: the same tasks, methods and stages; probes made on
 the same examples, pooling and length; stages fine-tuned with the same settings and method
@@ -17,14 +20,18 @@ would count one chain twice.
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
 
 from rxf.jsonio import replace_folder_whole, write_json_atomic
+from rxf.methods.options import METHODS
 from rxf.probing.plots import plot_lines
 
 REPORT_FILES = {"chain.json", "chain.md", "chain.png"}
+STAGE_FOLDER = re.compile(r"stage(\d{2})-(.+)")
+PRETRAINED_PROBE = "stage00-pretrained.probe-"
 # Fields of a stage's spec and training configuration that differ between the seeds of one
 # study by construction (the seed, and paths inside each seed's folder).
 PER_RUN_FIELDS = {"seed", "data_seed", "output_dir", "logging_dir", "run_name", "model", "progress", "overwrite"}
@@ -48,16 +55,50 @@ def stage_score(results: dict) -> float | None:
     return value
 
 
-def load_seed(folder: Path) -> dict:
-    """One seed's chain: {"seed", "tasks", "source", "methods": {method: [stage rows]}, "settings"}."""
-    path = folder / "chain.json"
-    chain = read_json(path)
-    if not {"tasks", "source", "methods"} <= set(chain) or not chain["methods"]:
-        raise SystemExit(f"{path}: not an rxf chain report (no tasks, source or methods)")
+def read_chain(root: Path) -> tuple[list[str], str, list[dict]]:
+    """One method's chain in ``root`` (``runs/fig4-seed1/r3f``): its tasks in stage order, the
+    source task, and the source task's probes, before the first stage and after each."""
+    pretrained = sorted(root.glob(PRETRAINED_PROBE + "*.json"))
+    if len(pretrained) != 1:
+        raise SystemExit(f"{root}: expected one probe of the pre-trained encoder ({PRETRAINED_PROBE}TASK.json), "
+                         f"found {len(pretrained)}")
+    source = pretrained[0].name[len(PRETRAINED_PROBE):-len(".json")]
+    stages = sorted(p for p in root.iterdir() if p.is_dir() and STAGE_FOLDER.fullmatch(p.name))
+    numbers = [int(STAGE_FOLDER.fullmatch(p.name)[1]) for p in stages]
+    if not stages or numbers != list(range(1, len(stages) + 1)):
+        raise SystemExit(f"{root}: stage folders {[p.name for p in stages]} are not stage01-TASK, stage02-TASK, ... "
+                         "without a gap")
+    probes = [{"stage": "pre-trained", **read_json(pretrained[0])}]
+    for stage in stages:
+        probes.append({"stage": f"after {STAGE_FOLDER.fullmatch(stage.name)[2]}",
+                       **read_json(stage.with_name(f"{stage.name}.probe-{source}.json"))})
+    return [STAGE_FOLDER.fullmatch(p.name)[2] for p in stages], source, probes
+
+
+def method_order(method: str) -> tuple:
+    return (METHODS.index(method) if method in METHODS else len(METHODS), method)
+
+
+def load_seed(folder: Path, methods: list[str] | None = None) -> dict:
+    """One seed's chains (``methods``, default every method with a chain in ``folder``):
+    {"seed", "tasks", "source", "methods": {method: [stage rows]}, "settings", ...}."""
+    if not folder.is_dir():
+        raise SystemExit(f"{folder}: not a folder")
+    found = sorted((p.name for p in folder.iterdir() if any(p.glob(PRETRAINED_PROBE + "*.json"))), key=method_order)
+    if not found:
+        raise SystemExit(f"{folder}: holds no rxf chain (no METHOD/{PRETRAINED_PROBE}TASK.json)")
+    missing = [m for m in methods or [] if m not in found]
+    if missing:
+        raise SystemExit(f"{folder}: has no chain of {', '.join(missing)} (it has {', '.join(found)})")
+    chain = {"methods": {}}
+    for method in methods or found:
+        tasks, source, probes = read_chain(folder / method)
+        if chain.setdefault("tasks", tasks) != tasks or chain.setdefault("source", source) != source:
+            raise SystemExit(f"{folder}: its methods' chains differ in tasks ({chain['tasks']} against {tasks} "
+                             f"of {method})")
+        chain["methods"][method] = probes
     seeds, identities, settings, rows = set(), set(), {}, {}
     for method, stages in chain["methods"].items():
-        if len(stages) != len(chain["tasks"]) + 1:
-            raise SystemExit(f"{path}: {method} has {len(stages)} probes for {len(chain['tasks'])} stages")
         rows[method] = []
         for index, stage in enumerate(stages):
             identity = stage.get("identity") or {}
@@ -164,13 +205,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_words(seeds: list) -> str:
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds"
+
+
 def write_report(folder: Path, report: dict) -> None:
     folder.mkdir(parents=True)
     write_json_atomic(folder / "chain.json", report)
     (folder / "chain.md").write_text(markdown(report))
     labels = [row["stage"] for row in next(iter(report["methods"].values()))]
     plot_lines({m: [row["probe"]["mean"] for row in rows] for m, rows in report["methods"].items()}, labels,
-               folder / "chain.png", f"{report['source']} probe along the chain ({len(report['seeds'])} seeds)",
+               folder / "chain.png", f"{report['source']} probe along the chain ({seed_words(report['seeds'])})",
                f"{report['source']} probe dev score ×100",
                errors={m: [row["probe"]["std"] for row in rows] for m, rows in report["methods"].items()})
 
@@ -179,13 +224,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("chains", nargs="+", type=Path, help="rxf chain output folders, one per seed")
     parser.add_argument("--output-dir", required=True, type=Path, help="chain.json, chain.md, chain.png")
+    parser.add_argument("--methods", help="the methods to pool, comma-separated, in the report's order (default: "
+                                          "every method with a chain in the folders)")
     args = parser.parse_args(argv)
     resolved = [folder.resolve() for folder in args.chains]
     if len(set(resolved)) < len(resolved):
         parser.error("a chain folder is given twice")
     if args.output_dir.resolve() in resolved:
         parser.error(f"--output-dir {args.output_dir} is one of the chains to pool; choose another folder")
-    report = merge([load_seed(folder) for folder in args.chains])
+    methods = None if args.methods is None else [m for m in args.methods.split(",") if m]
+    if methods is not None and (not methods or len(set(methods)) < len(methods)):
+        parser.error(f"--methods {args.methods!r}: name each method once, comma-separated")
+    report = merge([load_seed(folder, methods) for folder in args.chains])
     replace_folder_whole(args.output_dir, REPORT_FILES, lambda folder: write_report(folder, report),
                          "a chain report")
     print(markdown(report), end="")

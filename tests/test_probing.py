@@ -348,6 +348,27 @@ def test_chains_of_several_seeds_pool_into_mean_and_std(tiny_checkpoint, glue_li
     assert refused.returncode != 0 and "holds more than a chain report" in refused.stderr
     assert (tmp_path / "pooled" / "notes.txt").read_text() == "mine" and (tmp_path / "pooled" / "chain.json").is_file()
 
+    # Methods run as separate processes into one seed's folder (each rewriting chain.json with
+    # its own method) are all found; seeds with other methods pool only on --methods they share.
+    assert main([*common, "--methods", "r3f", "--seed", "1", "--output-dir", str(tmp_path / "seed1")]) == 0
+    assert list(json.loads((tmp_path / "seed1" / "chain.json").read_text())["methods"]) == ["r3f"]
+    both = subprocess.run([*merge[:3], "--output-dir", str(tmp_path / "both")], capture_output=True, text=True)
+    assert both.returncode == 0, both.stderr
+    report = json.loads((tmp_path / "both" / "chain.json").read_text())
+    assert list(report["methods"]) == ["std", "r3f"]
+    r3f = json.loads((tmp_path / "seed1" / "chain.json").read_text())["methods"]["r3f"]
+    assert [row["probe"]["mean"] for row in report["methods"]["r3f"]] == [stage["score"] for stage in r3f]
+    refused = subprocess.run([*merge, "--output-dir", str(tmp_path / "bad")], capture_output=True, text=True)
+    assert refused.returncode != 0 and "differ in methods" in refused.stderr
+    shared = subprocess.run([*merge, "--methods", "std", "--output-dir", str(tmp_path / "shared")],
+                            capture_output=True, text=True)
+    assert shared.returncode == 0, shared.stderr
+    assert json.loads((tmp_path / "shared" / "chain.json").read_text())["methods"]["std"] == pooled["methods"]["std"]
+    refused = subprocess.run([*merge, "--methods", "r3f", "--output-dir", str(tmp_path / "bad")],
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "seed2: has no chain of r3f (it has std)" in refused.stderr
+    assert not (tmp_path / "bad").exists()
+
 
 def test_probe_names_a_missing_checkpoint_folder_before_probing(tiny_checkpoint, glue_like, tmp_path, capsys):  # noqa: F811
     args = ["probe", f"--checkpoint=std/seed1={tmp_path / 'runs' / 'std' / 'seed1' / 'best'}", "--tasks", "sst2",
