@@ -55,9 +55,21 @@ def stage_score(results: dict) -> float | None:
     return value
 
 
+def read_probe(path: Path, source: str) -> dict:
+    probe = read_json(path)
+    score, identity = probe.get("score"), probe.get("identity")
+    if (probe.get("task") != source or not isinstance(score, (int, float)) or isinstance(score, bool)
+            or not isinstance(identity, dict) or not isinstance(identity.get("weights"), str)):
+        raise SystemExit(f"{path}: not a probe of {source} (it needs \"task\": \"{source}\", a numeric score and "
+                         "the identity of the weights it probed)")
+    return probe
+
+
 def read_chain(root: Path) -> tuple[list[str], str, list[dict]]:
     """One method's chain in ``root`` (``runs/fig4-seed1/r3f``): its tasks in stage order, the
-    source task, and the source task's probes, before the first stage and after each."""
+    source task, and the source task's probes, before the first stage and after each. Each
+    probe must be of the weights the next stage started from (its ``run.json`` says which):
+    a probe copied or left over from another run is refused, not reported."""
     pretrained = sorted(root.glob(PRETRAINED_PROBE + "*.json"))
     if len(pretrained) != 1:
         raise SystemExit(f"{root}: expected one probe of the pre-trained encoder ({PRETRAINED_PROBE}TASK.json), "
@@ -68,11 +80,19 @@ def read_chain(root: Path) -> tuple[list[str], str, list[dict]]:
     if not stages or numbers != list(range(1, len(stages) + 1)):
         raise SystemExit(f"{root}: stage folders {[p.name for p in stages]} are not stage01-TASK, stage02-TASK, ... "
                          "without a gap")
-    probes = [{"stage": "pre-trained", **read_json(pretrained[0])}]
-    for stage in stages:
-        probes.append({"stage": f"after {STAGE_FOLDER.fullmatch(stage.name)[2]}",
-                       **read_json(stage.with_name(f"{stage.name}.probe-{source}.json"))})
-    return [STAGE_FOLDER.fullmatch(p.name)[2] for p in stages], source, probes
+    paths = [pretrained[0], *(stage.with_name(f"{stage.name}.probe-{source}.json") for stage in stages)]
+    probes = [read_probe(path, source) for path in paths]
+    for stage, before, path in zip(stages, probes, paths):
+        started = read_json(stage / "run.json").get("model_files")
+        if started != before["identity"]["weights"]:
+            raise SystemExit(f"{stage}/run.json: the stage started from weights {started}, but {path.name} probed "
+                             f"{before['identity']['weights']}: the probe is not of this chain's encoder")
+    weights = [probe["identity"]["weights"] for probe in probes]
+    if len(set(weights)) < len(weights):
+        raise SystemExit(f"{root}: two of its probes are of the same weights ({weights}): a probe was copied")
+    labels = ["pre-trained", *(f"after {STAGE_FOLDER.fullmatch(stage.name)[2]}" for stage in stages)]
+    return ([STAGE_FOLDER.fullmatch(p.name)[2] for p in stages], source,
+            [{**probe, "stage": label} for probe, label in zip(probes, labels)])
 
 
 def method_order(method: str) -> tuple:
@@ -84,7 +104,11 @@ def load_seed(folder: Path, methods: list[str] | None = None) -> dict:
     {"seed", "tasks", "source", "methods": {method: [stage rows]}, "settings", ...}."""
     if not folder.is_dir():
         raise SystemExit(f"{folder}: not a folder")
-    found = sorted((p.name for p in folder.iterdir() if any(p.glob(PRETRAINED_PROBE + "*.json"))), key=method_order)
+    # A method folder is one with a pre-trained probe or a stage: one without the probe is
+    # refused below, not left out of the report.
+    found = sorted((p.name for p in folder.iterdir() if p.is_dir() and (
+        any(p.glob(PRETRAINED_PROBE + "*.json")) or any(STAGE_FOLDER.fullmatch(q.name) for q in p.iterdir()))),
+        key=method_order)
     if not found:
         raise SystemExit(f"{folder}: holds no rxf chain (no METHOD/{PRETRAINED_PROBE}TASK.json)")
     missing = [m for m in methods or [] if m not in found]
@@ -98,6 +122,9 @@ def load_seed(folder: Path, methods: list[str] | None = None) -> dict:
                              f"of {method})")
         chain["methods"][method] = probes
     seeds, identities, settings, rows = set(), set(), {}, {}
+    bases = {method: stages[0]["identity"]["weights"] for method, stages in chain["methods"].items()}
+    if len(set(bases.values())) > 1:
+        raise SystemExit(f"{folder}: its methods' chains start from different pre-trained weights ({bases})")
     for method, stages in chain["methods"].items():
         rows[method] = []
         for index, stage in enumerate(stages):
@@ -117,15 +144,19 @@ def load_seed(folder: Path, methods: list[str] | None = None) -> dict:
                 seeds.add(results.get("seed"))
                 row["task_score"] = stage_score(results)
                 row["main_metric"] = results.get("main_metric")
+                if not isinstance(row["task_score"], (int, float)) or isinstance(row["task_score"], bool):
+                    raise SystemExit(f"{results_path}: no best score for its main metric {row['main_metric']!r}")
                 settings[f"{method} {task}"] = {part: {k: v for k, v in (results.get(part) or {}).items()
                                                        if k not in PER_RUN_FIELDS} for part in ("spec", "config")}
+                settings[f"{method} {task}"]["main_metric"] = row["main_metric"]
             rows[method].append(row)
     if len(seeds) != 1 or None in seeds:
         raise SystemExit(f"{folder}: its stages and probes do not share one seed ({sorted(map(str, seeds))})")
     if len(identities) != 1:
         raise SystemExit(f"{folder}: its probes were not made on the same examples, pooling and length")
     return {"folder": str(folder), "seed": seeds.pop(), "tasks": chain["tasks"], "source": chain["source"],
-            "methods": rows, "probe_identity": identities.pop(), "settings": settings}
+            "methods": rows, "probe_identity": identities.pop(), "settings": settings,
+            "base_weights": next(iter(bases.values()))}
 
 
 def check_alike(runs: list[dict]) -> None:
@@ -139,6 +170,9 @@ def check_alike(runs: list[dict]) -> None:
             refuse(f"tasks ({first['tasks']} against {run['tasks']})")
         if list(run["methods"]) != list(first["methods"]):
             refuse(f"methods ({list(first['methods'])} against {list(run['methods'])})")
+        if run["base_weights"] != first["base_weights"]:
+            refuse(f"the pre-trained weights their chains start from ({first['base_weights']} against "
+                   f"{run['base_weights']})")
         if run["probe_identity"] != first["probe_identity"]:
             refuse(f"the probes' examples, pooling or length ({first['probe_identity']} against "
                    f"{run['probe_identity']})")
@@ -230,9 +264,9 @@ def main(argv=None) -> int:
     resolved = [folder.resolve() for folder in args.chains]
     if len(set(resolved)) < len(resolved):
         parser.error("a chain folder is given twice")
-    if args.output_dir.resolve() in resolved:
-        parser.error(f"--output-dir {args.output_dir} is one of the chains to pool; choose another folder")
-    methods = None if args.methods is None else [m for m in args.methods.split(",") if m]
+    if any(args.output_dir.resolve().is_relative_to(folder) for folder in resolved):
+        parser.error(f"--output-dir {args.output_dir} is one of the chains to pool or inside one; choose another folder")
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     if methods is not None and (not methods or len(set(methods)) < len(methods)):
         parser.error(f"--methods {args.methods!r}: name each method once, comma-separated")
     report = merge([load_seed(folder, methods) for folder in args.chains])

@@ -370,6 +370,60 @@ def test_chains_of_several_seeds_pool_into_mean_and_std(tiny_checkpoint, glue_li
     assert not (tmp_path / "bad").exists()
 
 
+def _refusal(merge: list, folders: list, out: Path) -> str:
+    """merge_chains on ``folders``: it must fail, leave no report, and say why on stderr."""
+    done = subprocess.run([*merge, *map(str, folders), "--output-dir", str(out)], capture_output=True, text=True)
+    assert done.returncode != 0 and not out.exists() and "Traceback" not in done.stderr, done.stderr
+    return done.stderr
+
+
+def test_merge_chains_refuses_chains_whose_files_do_not_fit_together(tiny_checkpoint, glue_like, tmp_path):  # noqa: F811
+    """What would otherwise pool without an error into a wrong report: a probe copied from
+    another stage, a method folder missing its first probe, a stage without a score, stages
+    scored on other metrics, chains from other pre-trained weights, a report inside a chain."""
+    common = ["chain", "--tasks", "sst2,rte", "--methods", "std", "--model", str(tiny_checkpoint),
+              "--data-dir", str(glue_like), *TINY_RUN]
+    for seed in (1, 2):
+        assert main([*common, "--seed", str(seed), "--output-dir", str(tmp_path / f"seed{seed}")]) == 0
+    merge = [sys.executable, str(ROOT / "scripts" / "merge_chains.py")]
+    seeds = [tmp_path / "seed1", tmp_path / "seed2"]
+
+    def mutated(name: str) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(tmp_path / "seed2", copy, ignore=shutil.ignore_patterns("checkpoints", "best"))
+        return copy
+
+    copy = mutated("copied-probe")
+    shutil.copy(copy / "std" / "stage01-sst2.probe-sst2.json", copy / "std" / "stage02-rte.probe-sst2.json")
+    assert "two of its probes are of the same weights" in _refusal(merge, [copy], tmp_path / "bad")
+    shutil.copy(copy / "std" / "stage00-pretrained.probe-sst2.json", copy / "std" / "stage01-sst2.probe-sst2.json")
+    assert "not of this chain's encoder" in _refusal(merge, [copy], tmp_path / "bad")
+
+    copy = mutated("no-first-probe")
+    shutil.copytree(tmp_path / "seed2" / "std", copy / "r3f", ignore=shutil.ignore_patterns("checkpoints", "best"))
+    (copy / "r3f" / "stage00-pretrained.probe-sst2.json").unlink()
+    assert "expected one probe of the pre-trained encoder" in _refusal(merge, [copy], tmp_path / "bad")
+
+    copy = mutated("no-score")
+    results_path = copy / "std" / "stage01-sst2" / "results.json"
+    results = json.loads(results_path.read_text())
+    results_path.write_text(json.dumps({**results, "best": {}}))
+    assert "no best score" in _refusal(merge, [seeds[0], copy], tmp_path / "bad")
+    results_path.write_text(json.dumps({**results, "main_metric": "dev/loss"}))
+    assert "fine-tuning settings" in _refusal(merge, [seeds[0], copy], tmp_path / "bad")
+
+    copy = mutated("other-model")
+    probe_path, run_path = copy / "std" / "stage00-pretrained.probe-sst2.json", copy / "std" / "stage01-sst2" / "run.json"
+    probe, run = json.loads(probe_path.read_text()), json.loads(run_path.read_text())
+    probe["identity"]["weights"] = run["model_files"] = "0123456789abcdef"
+    probe_path.write_text(json.dumps(probe))
+    run_path.write_text(json.dumps(run))
+    assert "pre-trained weights" in _refusal(merge, [seeds[0], copy], tmp_path / "bad")
+
+    inside = seeds[1] / "std" / "report"
+    assert "inside one" in _refusal(merge, seeds, inside)
+
+
 def test_probe_names_a_missing_checkpoint_folder_before_probing(tiny_checkpoint, glue_like, tmp_path, capsys):  # noqa: F811
     args = ["probe", f"--checkpoint=std/seed1={tmp_path / 'runs' / 'std' / 'seed1' / 'best'}", "--tasks", "sst2",
             "--model", str(tiny_checkpoint), "--data-dir", str(glue_like), "--output-dir", str(tmp_path / "out")]
