@@ -76,8 +76,8 @@ def read_chain(root: Path) -> tuple[list[str], str, list[dict]]:
                          f"found {len(pretrained)}")
     source = pretrained[0].name[len(PRETRAINED_PROBE):-len(".json")]
     stages = sorted(p for p in root.iterdir() if p.is_dir() and STAGE_FOLDER.fullmatch(p.name))
-    numbers = [int(STAGE_FOLDER.fullmatch(p.name)[1]) for p in stages]
-    if not stages or numbers != list(range(1, len(stages) + 1)):
+    numbers, tasks = zip(*(STAGE_FOLDER.fullmatch(p.name).groups() for p in stages)) if stages else ((), ())
+    if not stages or [int(n) for n in numbers] != list(range(1, len(stages) + 1)):
         raise SystemExit(f"{root}: stage folders {[p.name for p in stages]} are not stage01-TASK, stage02-TASK, ... "
                          "without a gap")
     paths = [pretrained[0], *(stage.with_name(f"{stage.name}.probe-{source}.json") for stage in stages)]
@@ -90,9 +90,8 @@ def read_chain(root: Path) -> tuple[list[str], str, list[dict]]:
     weights = [probe["identity"]["weights"] for probe in probes]
     if len(set(weights)) < len(weights):
         raise SystemExit(f"{root}: two of its probes are of the same weights ({weights}): a probe was copied")
-    labels = ["pre-trained", *(f"after {STAGE_FOLDER.fullmatch(stage.name)[2]}" for stage in stages)]
-    return ([STAGE_FOLDER.fullmatch(p.name)[2] for p in stages], source,
-            [{**probe, "stage": label} for probe, label in zip(probes, labels)])
+    labels = ["pre-trained", *(f"after {task}" for task in tasks)]
+    return list(tasks), source, [{**probe, "stage": label} for probe, label in zip(probes, labels)]
 
 
 def method_order(method: str) -> tuple:
@@ -128,7 +127,7 @@ def load_seed(folder: Path, methods: list[str] | None = None) -> dict:
     for method, stages in chain["methods"].items():
         rows[method] = []
         for index, stage in enumerate(stages):
-            identity = stage.get("identity") or {}
+            identity = stage["identity"]  # a dict: read_probe checked it
             seeds.add(identity.get("seed"))
             identities.add(json.dumps({k: v for k, v in identity.items() if k not in ("weights", "seed")},
                                       sort_keys=True))
