@@ -55,10 +55,14 @@ def stage_score(results: dict) -> float | None:
     return value
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # JSON's true is not a score
+
+
 def read_probe(path: Path, source: str) -> dict:
     probe = read_json(path)
     score, identity = probe.get("score"), probe.get("identity")
-    if (probe.get("task") != source or not isinstance(score, (int, float)) or isinstance(score, bool)
+    if (probe.get("task") != source or not is_number(score)
             or not isinstance(identity, dict) or not isinstance(identity.get("weights"), str)):
         raise SystemExit(f"{path}: not a probe of {source} (it needs \"task\": \"{source}\", a numeric score and "
                          "the identity of the weights it probed)")
@@ -143,7 +147,7 @@ def load_seed(folder: Path, methods: list[str] | None = None) -> dict:
                 seeds.add(results.get("seed"))
                 row["task_score"] = stage_score(results)
                 row["main_metric"] = results.get("main_metric")
-                if not isinstance(row["task_score"], (int, float)) or isinstance(row["task_score"], bool):
+                if not is_number(row["task_score"]):
                     raise SystemExit(f"{results_path}: no best score for its main metric {row['main_metric']!r}")
                 settings[f"{method} {task}"] = {part: {k: v for k, v in (results.get(part) or {}).items()
                                                        if k not in PER_RUN_FIELDS} for part in ("spec", "config")}
