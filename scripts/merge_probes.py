@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from rxf.jsonio import replace_folder_whole
-from rxf.probing.probe import group_scores, probe_table, write_probe_report
+from rxf.probing.report import group_scores, probe_table, write_probe_report
 
 # Per-task facts of the data a probe saw: equal in every report of one study.
 DATA_FACTS = ("train_examples", "dev_examples", "majority", "main_metric")
