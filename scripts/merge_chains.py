@@ -27,7 +27,6 @@ from pathlib import Path
 
 from rxf.jsonio import replace_folder_whole, write_json_atomic
 from rxf.methods.options import METHODS
-from rxf.probing.plots import plot_lines
 
 REPORT_FILES = {"chain.json", "chain.md", "chain.png"}
 STAGE_FOLDER = re.compile(r"stage(\d{2})-(.+)")
@@ -247,6 +246,8 @@ def seed_words(seeds: list) -> str:
 
 
 def write_report(folder: Path, report: dict) -> None:
+    from rxf.probing.plots import plot_lines  # matplotlib: a second of start-up that a refusal does not need
+
     folder.mkdir(parents=True)
     write_json_atomic(folder / "chain.json", report)
     (folder / "chain.md").write_text(markdown(report))
