@@ -10,9 +10,25 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, DebertaV2Config, RobertaConfig
 
+from rxf.experiments.parallel import threads_per_job
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 100
 ARCHITECTURES = ("bert", "roberta", "deberta-v2")
+
+
+def _share_cores_between_workers() -> None:
+    """Under pytest-xdist (``-n N``) each worker gets ``cores // N`` threads, as rxf's
+    ``--jobs N`` gives its runs: N workers each with every core's threads would
+    oversubscribe the cores. Commands a test starts inherit it through OMP_NUM_THREADS."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = threads_per_job(workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+_share_cores_between_workers()
 
 
 def tiny_model(arch: str = "bert", num_labels: int = 2, dropout: float = 0.1, seed: int = 0):

@@ -233,6 +233,25 @@ def test_report_refuses_runs_that_are_not_seeds_of_one_configuration(tmp_path, c
         assert not (tmp_path / f"out-{name}").exists()
 
 
+def test_report_pools_several_folders_of_runs(tmp_path, capsys):
+    """--runs repeated: seeds run into other output folders are reported as one method's,
+    as if copied together; a seed in two of them is still refused."""
+    for seed, folder in ((1, "a"), (2, "a"), (3, "b")):
+        _fake_run(tmp_path / folder, seed)
+    pooled = ["report", "--runs", str(tmp_path / "a"), "--runs", str(tmp_path / "b")]
+    assert main([*pooled, "--output-dir", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out/report.json").read_text())["summary"]["cola"]["r3f"]
+    assert summary["seeds"] == [1, 2, 3] and summary["scores"] == pytest.approx([0.1, 0.2, 0.3])
+    assert summary["median"] == pytest.approx(0.2) and summary["mean"] == pytest.approx(0.2)
+
+    capsys.readouterr()
+    assert main(pooled) == 2  # no single folder to write into
+    assert "--output-dir is needed" in capsys.readouterr().err
+    _fake_run(tmp_path / "b", 2)
+    assert main([*pooled, "--output-dir", str(tmp_path / "bad")]) == 2
+    assert "seed 2 twice" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_report_compares_the_model_and_data_digests_of_run_json(tmp_path, capsys):
     """Seeds trained from another model, or on data of the same size but other content,
     differ only in the digests run.json keeps beside results.json: refused too."""

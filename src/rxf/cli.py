@@ -189,8 +189,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from rxf.experiments.report import write_report
 
     seeds = set(_split(args.seeds, "--seeds", int)) if args.seeds else None
-    write_report(Path(args.runs), Path(args.output_dir) if args.output_dir else None, seeds=seeds)
-    print((Path(args.output_dir or args.runs) / "report.md").read_text())
+    write_report([Path(r) for r in args.runs], Path(args.output_dir) if args.output_dir else None, seeds=seeds)
+    print((Path(args.output_dir or args.runs[0]) / "report.md").read_text())
     return 0
 
 
@@ -448,8 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_options(c, cmd_compare)
 
     r = sub.add_parser("report", help="rebuild tables and plots from a folder of results.json files")
-    r.add_argument("--runs", required=True, help="folder searched recursively for results.json")
-    r.add_argument("--output-dir", default=None, help="where report.md and the plots go (default: --runs)")
+    r.add_argument("--runs", required=True, action="append",
+                   help="folder searched recursively for results.json; repeat it to pool folders (e.g. seeds "
+                        "run into other output folders)")
+    r.add_argument("--output-dir", default=None,
+                   help="where report.md and the plots go (default: --runs; needed with several --runs)")
     r.add_argument("--seeds", default=None,
                    help="comma-separated seeds to report (default: all), e.g. all but the seed a sweep chose on")
     r.set_defaults(func=cmd_report)

@@ -1,5 +1,5 @@
-"""Tables and plots from a folder of ``results.json`` files (one per run), so runs made on
-several machines merge by copying their folders together.
+"""Tables and plots from folders of ``results.json`` files (one per run), so runs made on
+several machines or into several output folders merge.
 
 - ``report.md``: the paper's Table 2 layout (methods × {max, median} over seeds, one
   column per task), then per task the max, median, mean ± std, min and number of seeds,
@@ -17,7 +17,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from rxf.errors import DataError
+from rxf.errors import DataError, OptionError
 from rxf.finetune import NOT_DEFINING, RESULTS, RUN_RECORD
 from rxf.jsonio import write_json_atomic
 from rxf.methods.options import MethodOptions, method_option_names
@@ -30,13 +30,15 @@ METHOD_ORDER = ("std", "std++", "r3f", "r4f", "smart", "freelb", "rdrop", "neftu
 _REQUIRED = {"task": str, "method": str, "seed": int, "main_metric": str, "best": dict}
 
 
-def collect(folder: Path, paths: list[Path] | None = None) -> list[dict]:
-    """Every ``results.json`` below ``folder`` (sorted by path), or the files ``paths``,
-    each with its ``run.json`` beside it when there is one (``_record``)."""
+def collect(folders: Path | list[Path], paths: list[Path] | None = None) -> list[dict]:
+    """Every ``results.json`` below each of ``folders`` (sorted by path within a folder), or
+    the files ``paths``, each with its ``run.json`` beside it when there is one (``_record``)."""
     if paths is None:
-        if not Path(folder).is_dir():
-            raise DataError(f"{folder}: not found (expected a folder of runs)")
-        paths = sorted(Path(folder).rglob(RESULTS))
+        paths = []
+        for folder in [folders] if isinstance(folders, (str, Path)) else folders:
+            if not Path(folder).is_dir():
+                raise DataError(f"{folder}: not found (expected a folder of runs)")
+            paths += sorted(Path(folder).rglob(RESULTS))
     runs = []
     for path in paths:
         try:
@@ -211,15 +213,21 @@ def _violins(ax, data: list[list[float]], labels: list[str]) -> None:
     ax.set_xticks(positions, labels)
 
 
-def write_report(runs_folder: Path, out: Path | None = None, paths: list[Path] | None = None,
+def write_report(runs_folder: Path | list[Path], out: Path | None = None, paths: list[Path] | None = None,
                  seeds: set[int] | None = None) -> dict:
-    """Collect the runs below ``runs_folder`` (or only the ``results.json`` files
-    ``paths``; only the ``seeds`` given) and write report.md, report.json and the plots
-    into ``out`` (default: ``runs_folder``). Returns the summary."""
-    out = Path(out or runs_folder)
-    runs = [run for run in collect(runs_folder, paths) if seeds is None or run["seed"] in seeds]
+    """Collect the runs below ``runs_folder`` — one folder, or several pooled (seeds run
+    into other output folders or on other machines; ``check_group`` still refuses a seed
+    found twice) — or only the ``results.json`` files ``paths``, only the ``seeds`` given,
+    and write report.md, report.json and the plots into ``out`` (default: the one
+    ``runs_folder``). Returns the summary."""
+    folders = [runs_folder] if isinstance(runs_folder, (str, Path)) else list(runs_folder)
+    if out is None and len(folders) != 1:
+        raise OptionError("--output-dir is needed to report several folders of runs (--runs given more than once)")
+    out = Path(out or folders[0])
+    runs = [run for run in collect(folders, paths) if seeds is None or run["seed"] in seeds]
     if not runs:
-        raise DataError(f"{runs_folder}: no {RESULTS} files found below it"
+        raise DataError(f"{', '.join(map(str, folders))}: no {RESULTS} files found below "
+                        f"{'it' if len(folders) == 1 else 'them'}"
                         f"{' for seeds ' + ', '.join(map(str, sorted(seeds))) if seeds else ''}")
     summary = summarise(runs)
     out.mkdir(parents=True, exist_ok=True)
