@@ -243,6 +243,9 @@ def test_report_pools_several_folders_of_runs(tmp_path, capsys):
     summary = json.loads((tmp_path / "out/report.json").read_text())["summary"]["cola"]["r3f"]
     assert summary["seeds"] == [1, 2, 3] and summary["scores"] == pytest.approx([0.1, 0.2, 0.3])
     assert summary["median"] == pytest.approx(0.2) and summary["mean"] == pytest.approx(0.2)
+    # A folder given again, or one inside another, adds no run twice.
+    assert main([*pooled, "--runs", str(tmp_path / "a" / "cola"), "--output-dir", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again/report.json").read_text())["summary"]["cola"]["r3f"] == summary
 
     capsys.readouterr()
     assert main(pooled) == 2  # no single folder to write into

@@ -34,11 +34,13 @@ def collect(folders: Path | list[Path], paths: list[Path] | None = None) -> list
     """Every ``results.json`` below each of ``folders`` (sorted by path within a folder), or
     the files ``paths``, each with its ``run.json`` beside it when there is one (``_record``)."""
     if paths is None:
-        paths = []
+        found: dict[Path, Path] = {}  # a folder given twice, or inside another: each run once
         for folder in [folders] if isinstance(folders, (str, Path)) else folders:
             if not Path(folder).is_dir():
                 raise DataError(f"{folder}: not found (expected a folder of runs)")
-            paths += sorted(Path(folder).rglob(RESULTS))
+            for path in sorted(Path(folder).rglob(RESULTS)):
+                found.setdefault(path.resolve(), path)
+        paths = list(found.values())
     runs = []
     for path in paths:
         try:
