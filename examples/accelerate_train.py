@@ -51,6 +51,7 @@ def main() -> None:
                 print(f"step {step}: task loss {float(logs['task_loss']):.4f}, regularizer {float(logs['regularizer']):.2e}")
             if step == args.steps:
                 break
+    accelerator.end_training()  # tears down the process group before interpreter exit
 
 
 if __name__ == "__main__":

@@ -85,6 +85,10 @@ def main() -> None:
             report = {"losses": losses, "allreduce_calls": counter.calls, "updates": trainer.state.global_step,
                       "world_size": dist.get_world_size() if dist.is_initialized() else 1}
             (out / "run.json").write_text(json.dumps(report))
+    if dist.is_initialized():
+        # Left for interpreter exit, gloo's threads outlive Python and a rank aborts
+        # ("terminate called without an active exception") after a run that succeeded.
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

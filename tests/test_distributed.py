@@ -84,6 +84,33 @@ def test_one_all_reduce_per_update(runs, method):
 
 
 
+def test_rxf_finetune_under_torchrun_scores_every_dev_example_once(tiny_checkpoint, tmp_path):
+    """``torchrun -m rxf.cli finetune`` (docs/scaling.md): both ranks exit 0, and the dev
+    score written is the best model's on the whole dev set. An odd dev set makes the
+    distributed sampler pad one rank with a repeated example; a score over the padded set
+    would differ from one process's evaluation of the same checkpoint."""
+    from rxf.demo import DEMO_DATA
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text((DEMO_DATA / "train.tsv").read_text())
+    dev = (DEMO_DATA / "dev.tsv").read_text().splitlines(keepends=True)[:1 + 99]  # header + 99 examples
+    (data / "dev.tsv").write_text("".join(dev))
+    out = tmp_path / "run"
+    torchrun("-m", "rxf.cli", "finetune", "--task", "sst2", "--method", "r3f", "--model", str(tiny_checkpoint),
+             "--data-dir", str(data), "--output-dir", str(out), "--batch-size", "8", "--max-length", "32",
+             "--learning-rate", "1e-3", "--max-steps", "6", "--eval-steps", "3", "--eval-batch-size", "16",
+             "--no-progress")
+    results = json.loads((out / "results.json").read_text())
+    assert results["updates"] == 6 and results["hardware"]["processes"] == 2
+    assert results["data"]["dev"]["examples"] == 99
+    run([sys.executable, "-m", "rxf.cli", "evaluate", "--checkpoint", str(out / "best"), "--file",
+         str(data / "dev.tsv"), "--output", str(tmp_path / "eval.json")])
+    alone = json.loads((tmp_path / "eval.json").read_text())["files"][str(data / "dev.tsv")]
+    assert alone["examples"] == 99
+    assert results["best"]["dev"]["accuracy"] == pytest.approx(alone["metrics"]["accuracy"], abs=1e-9)
+
+
 @pytest.fixture(scope="module")
 def fsdp_runs(tiny_checkpoint, tmp_path_factory):
     """examples/fsdp_loop.py in two processes (FSDP2) and in one, same global batches."""

@@ -573,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         from rxf.console import quiet_libraries
 
         quiet_libraries()
-        return args.func(args)
+        status = args.func(args)
     except RXFError as exc:
         print(f"rxf {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -582,6 +582,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rxf {args.command}: interrupted; the same command resumes from the last checkpoints",
               file=sys.stderr)
         return 130
+    _leave_process_group()
+    return status
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, tear down the process group that the Trainer's Accelerate set up.
+    Left for interpreter exit, gloo's threads outlive Python and a rank aborts ("terminate
+    called without an active exception"), failing a run that succeeded. Only on success:
+    after an error the other ranks may be inside a collective, and tearing down would hang."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

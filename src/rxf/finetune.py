@@ -345,7 +345,8 @@ def train_and_report(trainer, spec: FinetuneSpec, options: MethodOptions, task_n
             "rxf": _version("rxf"), "torch": torch.__version__, "transformers": transformers.__version__,
             "accelerate": _version("accelerate"), "datasets": _version("datasets"), "python": platform.python_version(),
         },
-        "hardware": _hardware(torch),
+        # Under torchrun each update is processes x batch_size x accumulation examples.
+        "hardware": _hardware(torch) | {"processes": trainer.args.world_size},
     }
     if write:
         finish_run(trainer, spec, results)
