@@ -219,6 +219,20 @@ def test_a_chain_stage_trains_for_its_own_task_epochs(tiny_checkpoint, glue_like
 
 
 @pytest.mark.real
+def test_probe_table_marks_missing_scores_and_prints_the_rest_x100():
+    """A score JSON stored as null (NaN) or a task without a majority baseline shows "–",
+    never "nan" or a crash; other cells are ×100 to one decimal."""
+    from rxf.probing.report import probe_table
+
+    report = {"tasks": ["sst2", "stsb"], "probes": {"base": {
+        "sst2": {"main_metric": "accuracy", "score": 0.8125, "train_score": 0.9, "majority": 0.5094},
+        "stsb": {"main_metric": "pearson", "score": None, "train_score": float("nan"), "majority": None}}}}
+    table = probe_table(report)
+    assert "| base | 81.2 (90.0) | – (–) |" in table
+    assert "| majority class | 50.9 | – |" in table
+    assert "nan" not in table
+
+
 def test_probe_base_minilm_on_real_glue(data_dir, minilm_path, tmp_path):
     out = tmp_path / "probe"
     assert main(["probe", "--tasks", "sst2,mrpc", "--data-dir", str(data_dir / "glue"), "--max-train-samples",

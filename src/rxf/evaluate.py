@@ -41,6 +41,7 @@ from rxf.tasks.generic import (
 )
 from rxf.tasks.glue import GLUE_TASKS, ClassificationTask, get_task
 from rxf.tasks.loading import Examples, read_records
+from rxf.tables import percent
 
 DIAGNOSTIC_CATEGORIES = ("Lexical Semantics", "Predicate-Argument Structure", "Logic", "Knowledge", "Domain")
 
@@ -319,22 +320,18 @@ def evaluation_table(report: dict) -> str:
     metrics = list(dict.fromkeys(m for f in report["files"].values() for m in f["metrics"]))
     lines = ["| file | examples | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, result in report["files"].items():
-        cells = [_percent(result["metrics"].get(m)) for m in metrics]
+        cells = [percent(result["metrics"].get(m)) for m in metrics]
         lines.append(f"| {name} | {result['examples']} | " + " | ".join(cells) + " |")
     for name, result in report["files"].items():
         if "categories" in result:
             lines += ["", f"GLUE diagnostic categories of {name} (×100)", "",
                       "| category | examples | R3 | accuracy |", "|---|---|---|---|"]
             for column, scored in result["categories"].items():
-                lines.append(f"| **{column}** | {scored['examples']} | {_percent(scored['r3'])} | "
-                             f"{_percent(scored['accuracy'])} |")
+                lines.append(f"| **{column}** | {scored['examples']} | {percent(scored['r3'])} | "
+                             f"{percent(scored['accuracy'])} |")
                 for value, s in scored["values"].items():
-                    lines.append(f"| {value} | {s['examples']} | {_percent(s['r3'])} | {_percent(s['accuracy'])} |")
+                    lines.append(f"| {value} | {s['examples']} | {percent(s['r3'])} | {percent(s['accuracy'])} |")
     return "\n".join(lines) + "\n"
-
-
-def _percent(value) -> str:
-    return "–" if value is None or not np.isfinite(value) else f"{100 * value:.1f}"
 
 
 # --- predict -------------------------------------------------------------------------

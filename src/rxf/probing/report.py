@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from rxf.jsonio import write_json_atomic
+from rxf.tables import percent
 
 
 def group_scores(probes: dict, tasks: list[str]) -> dict:
@@ -44,11 +45,6 @@ def write_probe_report(out: Path, report: dict) -> None:
         plot_cka(report["drift"], out / "cka.png")
 
 
-def _percent(value) -> str:
-    """×100 to one decimal; "nan" for a score that is not a number (None once read back from JSON)."""
-    return "nan" if value is None or np.isnan(value) else f"{100 * value:.1f}"
-
-
 def probe_table(report: dict) -> str:
     tasks = report["tasks"]
     first = next(iter(report["probes"].values()))
@@ -56,17 +52,17 @@ def probe_table(report: dict) -> str:
              "|---|" + "---|" * len(tasks)]
     for name, by_task in report["probes"].items():
         lines.append(f"| {name} | " + " | ".join(
-            f"{_percent(by_task[t]['score'])} ({_percent(by_task[t]['train_score'])})" for t in tasks) + " |")
+            f"{percent(by_task[t]['score'])} ({percent(by_task[t]['train_score'])})" for t in tasks) + " |")
     lines.append("| majority class | " + " | ".join(
-        f"{100 * first[t]['majority']:.1f}" if first[t]["majority"] is not None else "–" for t in tasks) + " |")
+        percent(first[t]["majority"]) for t in tasks) + " |")
     groups = report.get("groups", {})
     if any(g[tasks[0]]["n"] > 1 for g in groups.values()):
         lines += ["", "By method, over seeds: mean ± std of the dev score ×100 (n; mean training score)", "",
                   "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         for group, by_task in groups.items():
             lines.append(f"| {group} | " + " | ".join(
-                f"{_percent(by_task[t]['mean'])} ± {_percent(by_task[t]['std'])} ({by_task[t]['n']}; "
-                f"{_percent(by_task[t]['train_mean'])})" for t in tasks) + " |")
+                f"{percent(by_task[t]['mean'])} ± {percent(by_task[t]['std'])} ({by_task[t]['n']}; "
+                f"{percent(by_task[t]['train_mean'])})" for t in tasks) + " |")
     text = ("Linear probe on the frozen encoder: dev score ×100 (training score in brackets; regularisation chosen "
             "by 5-fold cross-validation on the training features)\n\n" + "\n".join(lines) + "\n")
     if "drift" in report:
