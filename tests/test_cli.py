@@ -48,6 +48,29 @@ def test_finetune_writes_results_and_a_loadable_best_checkpoint(tiny_checkpoint,
     assert (out / "results.json").stat().st_mtime_ns == before
 
 
+def test_a_run_folder_is_refused_under_another_number_of_processes(tiny_checkpoint, tmp_path, capsys,
+                                                                    monkeypatch):
+    """--batch-size is per process: a run resumed or rerun under torchrun with another
+    process count is another run (another batch per update), refused before anything
+    trains. A folder recorded before rxf kept the count is taken as one process's run."""
+    out = tmp_path / "run"
+    args = finetune_args(tiny_checkpoint, out, "--max-steps", "2", "--max-train-samples", "32",
+                         "--max-eval-samples", "16")
+    assert main(args) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["processes"] == 1
+    before = (out / "results.json").stat().st_mtime_ns
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "processes (1 there, 2 now)" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    del record["processes"]
+    (out / "run.json").write_text(json.dumps(record))
+    assert main(args) == 0
+    assert (out / "results.json").stat().st_mtime_ns == before
+
+
 def test_same_seed_gives_identical_metrics(tiny_checkpoint, tmp_path):
     runs = []
     for name in ("a", "b"):

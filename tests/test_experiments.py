@@ -190,14 +190,18 @@ def test_xnli_zero_shot_end_to_end(tiny_checkpoint, data_dir, tmp_path):
     assert "| method | de | es | avg |" in table
 
 
-def _fake_run(folder: Path, seed: int, learning_rate: float = 2e-5, examples: int = 100, subfolder: str = "") -> None:
-    """A results.json as rxf finetune writes it, reduced to what the report reads."""
+def _fake_run(folder: Path, seed: int, learning_rate: float = 2e-5, examples: int = 100, subfolder: str = "",
+              processes: int | None = None) -> None:
+    """A results.json as rxf finetune writes it, reduced to what the report reads
+    (``processes``: recorded under ``hardware``; None: a run of an rxf that did not)."""
     run = {"task": "cola", "method": "r3f", "seed": seed, "main_metric": "dev/matthews_correlation",
            "best": {"dev": {"matthews_correlation": 0.1 * seed}}, "seconds_to_best": 10.0 * seed,
            "spec": {"task": "cola", "seed": seed, "learning_rate": learning_rate, "output_dir": str(folder),
                     "data_dir": f"/machine{seed}/glue"},
            "config": {"method": "r3f", "r3f_lambda": 1.0, "seed": seed, "output_dir": str(folder)},
            "data": {"train": {"source": f"/machine{seed}/glue/CoLA/train.tsv", "examples": examples}}}
+    if processes is not None:
+        run["hardware"] = {"processes": processes}
     path = folder / "cola" / "r3f" / subfolder / f"seed{seed}"
     path.mkdir(parents=True)
     (path / "results.json").write_text(json.dumps(run))
@@ -216,13 +220,16 @@ def test_report_refuses_runs_that_are_not_seeds_of_one_configuration(tmp_path, c
         record = same / f"cola/r3f/seed{seed}/results.json"
         newer = json.loads(record.read_text())
         newer["config"]["r3f_noised_no_grad"] = False
+        newer["hardware"] = {"processes": 1}  # seed 3's rxf did not record it: one process
         record.write_text(json.dumps(newer))
     assert main(["report", "--runs", str(same), "--output-dir", str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out/report.json").read_text())["summary"]["cola"]["r3f"]["max"] == pytest.approx(0.3)
 
     for name, extra, says in (("twice", dict(seed=1, subfolder="copy"), "seed 1 twice"),
                               ("lr", dict(seed=2, learning_rate=5e-5), "spec.learning_rate (2e-05 there, 5e-05 here)"),
-                              ("data", dict(seed=2, examples=99), "examples.train (100 there, 99 here)")):
+                              ("data", dict(seed=2, examples=99), "examples.train (100 there, 99 here)"),
+                              # the batch is per process: seed 2 under torchrun saw twice the batch
+                              ("procs", dict(seed=2, processes=2), "spec.processes (1 there, 2 here)")):
         folder = tmp_path / name
         _fake_run(folder, 1)
         _fake_run(folder, **extra)
@@ -253,6 +260,18 @@ def test_report_pools_several_folders_of_runs(tmp_path, capsys):
     _fake_run(tmp_path / "b", 2)
     assert main([*pooled, "--output-dir", str(tmp_path / "bad")]) == 2
     assert "seed 2 twice" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_report_leaves_no_plot_of_an_earlier_report_in_its_folder(tmp_path):
+    """A report written into a folder that holds an earlier report's plots of other tasks
+    removes them: every plot beside report.md is of this report's runs."""
+    for seed in (1, 2):
+        _fake_run(tmp_path / "runs", seed)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "violin_sst2.png").write_bytes(b"an earlier report's")
+    assert main(["report", "--runs", str(tmp_path / "runs"), "--output-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["seconds_to_best.png", "violin_cola.png"]
 
 
 def test_report_compares_the_model_and_data_digests_of_run_json(tmp_path, capsys):

@@ -218,7 +218,6 @@ def test_a_chain_stage_trains_for_its_own_task_epochs(tiny_checkpoint, glue_like
         assert results["updates"] == epochs * -(-examples // batch), (stage, results["updates"])
 
 
-@pytest.mark.real
 def test_probe_table_marks_missing_scores_and_prints_the_rest_x100():
     """A score JSON stored as null (NaN) or a task without a majority baseline shows "–",
     never "nan" or a crash; other cells are ×100 to one decimal."""
@@ -233,6 +232,7 @@ def test_probe_table_marks_missing_scores_and_prints_the_rest_x100():
     assert "nan" not in table
 
 
+@pytest.mark.real
 def test_probe_base_minilm_on_real_glue(data_dir, minilm_path, tmp_path):
     out = tmp_path / "probe"
     assert main(["probe", "--tasks", "sst2,mrpc", "--data-dir", str(data_dir / "glue"), "--max-train-samples",

@@ -52,12 +52,19 @@ def data_fingerprint(splits: dict) -> dict[str, str]:
     return digests
 
 
+def processes() -> int:
+    """Processes training together: torchrun and accelerate launch set WORLD_SIZE. With
+    ``--batch-size`` per process, it sets the examples per update."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def run_record(spec: FinetuneSpec, options: MethodOptions, model_path: str, splits: dict) -> dict:
-    """What defines a run: its options (all but where and how it reports), the model and
-    the content of its data."""
+    """What defines a run: its options (all but where and how it reports), the number of
+    processes (the batch is per process), the model and the content of its data."""
     defining = {k: v for k, v in dataclasses.asdict(spec).items() if k not in NOT_DEFINING}
     return {"spec": defining | {"model": str(model_path)}, "options": dataclasses.asdict(options),
-            "data": data_fingerprint(splits), "model_files": model_fingerprint(str(model_path))}
+            "processes": processes(), "data": data_fingerprint(splits),
+            "model_files": model_fingerprint(str(model_path))}
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -100,6 +107,9 @@ def check_run_folder(out: Path, record: dict, overwrite: bool) -> dict | None:
     # A run recorded before rxf kept the model files' fingerprint is taken as made from the
     # model now at its path: nothing else is known of it.
     old.setdefault("model_files", record.get("model_files"))
+    # Likewise, one recorded before rxf kept the number of processes ran in one unless
+    # told otherwise: rxf cannot know, and one is how every documented run was made.
+    old.setdefault("processes", 1)
     differs = _differences(old, json.loads(json.dumps(record)))
     if differs:
         raise OptionError(f"--output-dir: {out} holds another run, which differs in "
@@ -263,7 +273,7 @@ def training_arguments(config_cls, spec: FinetuneSpec, options: MethodOptions, o
     import torch
 
     # Under torchrun on CPUs, Accelerate sets up DDP over gloo only when told to use the CPU.
-    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    distributed_cpu = processes() > 1 and not torch.cuda.is_available()
     return config_cls(
         use_cpu=distributed_cpu,
         output_dir=str(out / "checkpoints"),

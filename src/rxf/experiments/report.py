@@ -77,8 +77,8 @@ def _settings(run: dict) -> dict:
     """What one seed of a task and method shares with the others: the defining options
     (those this rxf knows; one that a run's older rxf did not have yet counts at its
     default, the behaviour that run had, as when a run folder is resumed), the size of
-    each data split and, from ``run.json`` where it lies beside the results, the digests
-    of the model's files and of the data's content."""
+    each data split, the number of processes and, from ``run.json`` where it lies beside
+    the results, the digests of the model's files and of the data's content."""
     spec_defaults = dataclasses.asdict(FinetuneSpec())
     option_defaults = dataclasses.asdict(MethodOptions())
     recorded_spec, recorded_options = run.get("spec", {}), run.get("config", {})
@@ -86,6 +86,9 @@ def _settings(run: dict) -> dict:
     options = {k: recorded_options.get(k, option_defaults.get(k)) for k in method_option_names()}
     examples = {split: d.get("examples") for split, d in run.get("data", {}).items() if isinstance(d, dict)}
     record = run.get("_record") or {}
+    # The batch is per process: runs under torchrun with other process counts are other
+    # configurations. A run that recorded none ran in one (as check_run_folder assumes).
+    spec["processes"] = record.get("processes") or run.get("hardware", {}).get("processes") or 1
     content = {"model_files": record.get("model_files"), **{f"data.{k}": v for k, v in record.get("data", {}).items()}}
     return {"spec": spec, "options": options, "examples": examples,
             "content": {k: v for k, v in content.items() if v is not None}}
@@ -233,9 +236,13 @@ def write_report(runs_folder: Path | list[Path], out: Path | None = None, paths:
                         f"{' for seeds ' + ', '.join(map(str, sorted(seeds))) if seeds else ''}")
     summary = summarise(runs)
     out.mkdir(parents=True, exist_ok=True)
+    # Plots first: report.md and report.json are replaced only once every plot is drawn.
+    # A plot of a task this report lacks (an earlier report into this folder) is removed.
+    drawn = set(plot(summary, out))
+    for old in {*out.glob("violin_*.png"), out / "seconds_to_best.png"} - drawn:
+        old.unlink(missing_ok=True)
     tmp = out / "report.md.tmp"
     tmp.write_text(markdown(summary))
     tmp.replace(out / "report.md")
     write_json_atomic(out / "report.json", {"runs": [r["_path"] for r in runs], "summary": summary})
-    plot(summary, out)
     return summary
